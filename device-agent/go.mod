@@ -1,0 +1,3 @@
+module fleetkey.dev/device-agent
+
+go 1.26

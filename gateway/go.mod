@@ -1,0 +1,3 @@
+module fleetkey.dev/gateway
+
+go 1.26

@@ -1,0 +1,3 @@
+module fleetkey.dev/provisioning
+
+go 1.26

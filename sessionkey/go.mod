@@ -1,0 +1,3 @@
+module fleetkey.dev/sessionkey
+
+go 1.26

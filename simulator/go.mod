@@ -1,0 +1,3 @@
+module fleetkey.dev/simulator
+
+go 1.26
