@@ -29,7 +29,14 @@ type Bundle struct {
 	roots       []*x509.Certificate
 	issuing     []*x509.Certificate
 	rootPool    *x509.CertPool
-	interPool   *x509.CertPool
+	// anchors holds the issuing CAs, each checked against its root once,
+	// here. Leaves are verified against them directly, so a handshake pays
+	// one P-256 signature check instead of also re-checking the root's
+	// P-384 signature on the issuing CA every time (about 10x the cost).
+	anchors *x509.CertPool
+	// rootOf maps an issuing CA (by raw DER) to the root that signed it, so
+	// Verify can still refuse a chain whose root has expired.
+	rootOf map[string]*x509.Certificate
 }
 
 // NewBundle checks and assembles a bundle. Every root must be a
@@ -42,7 +49,7 @@ func NewBundle(roots, issuing []*x509.Certificate) (*Bundle, error) {
 	if len(issuing) == 0 {
 		return nil, errors.New("trust bundle has no issuing CA")
 	}
-	b := &Bundle{rootPool: x509.NewCertPool(), interPool: x509.NewCertPool()}
+	b := &Bundle{rootPool: x509.NewCertPool(), anchors: x509.NewCertPool(), rootOf: map[string]*x509.Certificate{}}
 	for _, r := range roots {
 		if !r.IsCA || !bytes.Equal(r.RawIssuer, r.RawSubject) || r.CheckSignatureFrom(r) != nil {
 			return nil, fmt.Errorf("trust bundle: %q is not a self-signed root CA", r.Subject.CommonName)
@@ -53,13 +60,12 @@ func NewBundle(roots, issuing []*x509.Certificate) (*Bundle, error) {
 		if !c.IsCA {
 			return nil, fmt.Errorf("trust bundle: %q is not a CA certificate", c.Subject.CommonName)
 		}
-		signed := false
 		for _, r := range roots {
-			if c.CheckSignatureFrom(r) == nil {
-				signed = true
+			if bytes.Equal(c.RawIssuer, r.RawSubject) && c.CheckSignatureFrom(r) == nil {
+				b.rootOf[string(c.Raw)] = r
 			}
 		}
-		if !signed {
+		if b.rootOf[string(c.Raw)] == nil {
 			return nil, fmt.Errorf("trust bundle: issuing CA %q is not signed by any root in the bundle", c.Subject.CommonName)
 		}
 		if len(c.PermittedURIDomains) != 1 {
@@ -70,7 +76,7 @@ func NewBundle(roots, issuing []*x509.Certificate) (*Bundle, error) {
 			return nil, fmt.Errorf("trust bundle: issuing CAs of different trust domains (%q and %q)", b.trustDomain, td)
 		}
 		b.trustDomain = td
-		b.interPool.AddCert(c)
+		b.anchors.AddCert(c)
 	}
 	b.roots, b.issuing = roots, issuing
 	return b, nil

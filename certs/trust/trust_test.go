@@ -26,7 +26,7 @@ type fleet struct {
 	bundle    *Bundle
 }
 
-func newFleet(t *testing.T, domain string) *fleet {
+func newFleet(t testing.TB, domain string) *fleet {
 	t.Helper()
 	opts := authority.CAOptions{TrustDomain: domain, Now: func() time.Time { return now }}
 	root, err := authority.NewRoot(opts)
@@ -44,7 +44,7 @@ func newFleet(t *testing.T, domain string) *fleet {
 	return &fleet{root: root, iss: iss, bundle: b, issuer: &authority.Issuer{CA: iss, Policy: authority.Policy{TrustDomain: domain}, Now: func() time.Time { return now }}}
 }
 
-func (f *fleet) leaf(t *testing.T, role identity.Role, name string, ekHash []byte) *x509.Certificate {
+func (f *fleet) leaf(t testing.TB, role identity.Role, name string, ekHash []byte) *x509.Certificate {
 	t.Helper()
 	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	c, err := f.issuer.Issue(&authority.Request{Role: role, Name: name, PublicKey: k.Public(), TPMEKHash: ekHash})
@@ -234,5 +234,45 @@ func TestParseBundleRefusals(t *testing.T) {
 	b, err := ParseBundle(f.bundle.PEM())
 	if err != nil || b.TrustDomain() != td || len(b.Roots()) != 1 || len(b.Issuing()) != 1 {
 		t.Fatalf("PEM round trip: %v", err)
+	}
+}
+
+
+// TestExpiredRoot: a bundle from elsewhere may hold an issuing CA that
+// outlives its root; once the root expires, its leaves are refused even
+// though the issuing CA itself is still valid.
+func TestExpiredRoot(t *testing.T) {
+	t.Parallel()
+	root, err := authority.NewRoot(authority.CAOptions{TrustDomain: td, Validity: 2 * time.Hour, Now: func() time.Time { return now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
+		SerialNumber: big.NewInt(9), Subject: pkix.Name{CommonName: "long-lived issuing"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(100 * time.Hour),
+		KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true, MaxPathLenZero: true,
+		PermittedURIDomains: []string{td},
+	}, root.Cert, k.Public(), root.Signer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	issCert, _ := x509.ParseCertificate(der)
+	iss, err := authority.NewCA(issCert, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := NewBundle([]*x509.Certificate{root.Cert}, []*x509.Certificate{issCert})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fleet{root: root, iss: iss, bundle: b, issuer: &authority.Issuer{CA: iss, Policy: authority.Policy{TrustDomain: td}, Now: func() time.Time { return now }}}
+	leaf := f.leaf(t, identity.RoleDevice, "d", nil)
+	if _, err := b.Verify([]*x509.Certificate{leaf}, VerifyOptions{Now: now}); err != nil {
+		t.Fatalf("before the root expires: %v", err)
+	}
+	_, err = b.Verify([]*x509.Certificate{leaf}, VerifyOptions{Now: now.Add(3 * time.Hour)})
+	if ReasonOf(err) != ReasonExpired || !strings.Contains(err.Error(), "root CA") {
+		t.Fatalf("after the root expired: %v", err)
 	}
 }

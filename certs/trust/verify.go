@@ -113,13 +113,17 @@ func (b *Bundle) Verify(presented []*x509.Certificate, opts VerifyOptions) (*Pee
 		return nil, refuse(ReasonExpired, "%q expired at %s", leaf.Subject.CommonName, leaf.NotAfter.UTC().Format(time.RFC3339))
 	}
 	chains, err := leaf.Verify(x509.VerifyOptions{
-		Roots:         b.rootPool,
-		Intermediates: b.interPool,
-		CurrentTime:   now,
-		KeyUsages:     []x509.ExtKeyUsage{usage},
+		Roots:       b.anchors,
+		CurrentTime: now,
+		KeyUsages:   []x509.ExtKeyUsage{usage},
 	})
 	if err != nil {
 		return nil, classify(leaf, err)
+	}
+	issuer := chains[0][1]
+	root := b.rootOf[string(issuer.Raw)]
+	if now.After(root.NotAfter) || now.Before(root.NotBefore) {
+		return nil, refuse(ReasonExpired, "the root CA %q of %q is not valid at %s", root.Subject.CommonName, leaf.Subject.CommonName, now.UTC().Format(time.RFC3339))
 	}
 	id, err := leafIdentity(leaf)
 	if err != nil {
@@ -141,7 +145,7 @@ func (b *Bundle) Verify(presented []*x509.Certificate, opts VerifyOptions) (*Pee
 	if opts.IsRevoked != nil && opts.IsRevoked(leaf) {
 		return nil, refuse(ReasonRevoked, "%q (serial %x) is revoked", id.String(), leaf.SerialNumber)
 	}
-	return &Peer{ID: id, Leaf: leaf, Chain: chains[0], TPMBound: bound, EKHash: ekHash}, nil
+	return &Peer{ID: id, Leaf: leaf, Chain: []*x509.Certificate{leaf, issuer, root}, TPMBound: bound, EKHash: ekHash}, nil
 }
 
 // leafIdentity reads the one SPIFFE ID of a leaf and, for devices, checks
