@@ -237,7 +237,6 @@ func TestParseBundleRefusals(t *testing.T) {
 	}
 }
 
-
 // TestExpiredRoot: a bundle from elsewhere may hold an issuing CA that
 // outlives its root; once the root expires, its leaves are refused even
 // though the issuing CA itself is still valid.
