@@ -64,7 +64,7 @@ type Request struct {
 	Role      identity.Role
 	Name      string
 	PublicKey crypto.PublicKey
-	// DNSNames and IPAddresses are for gateway certificates only.
+	// DNSNames and IPAddresses are for gateway and service certificates.
 	DNSNames    []string
 	IPAddresses []string
 	// TPMEKHash, when set, marks the certificate TPM-bound to the EK whose

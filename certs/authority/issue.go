@@ -76,7 +76,7 @@ func (is *Issuer) Issue(req *Request) (*x509.Certificate, error) {
 		return nil, err
 	}
 	if !profile.HostNames && (len(req.DNSNames) > 0 || len(req.IPAddresses) > 0) {
-		return nil, refuse(ReasonBadHostNames, "a %s certificate carries no DNS or IP names", req.Role)
+		return nil, refuse(ReasonBadHostNames, "%s %s certificate carries no DNS or IP names", article(string(req.Role)), req.Role)
 	}
 	ips, err := parseIPs(req.IPAddresses)
 	if err != nil {
@@ -163,4 +163,11 @@ func validateDNSName(name string) error {
 		}
 	}
 	return nil
+}
+
+func article(word string) string {
+	if strings.ContainsRune("aeiou", rune(word[0])) {
+		return "an"
+	}
+	return "a"
 }

@@ -120,12 +120,14 @@ type Profile struct {
 	HostNames bool
 }
 
-// Profiles holds the profile of every role. Devices, services and admins are
-// TLS clients; gateways are servers and also clients (of the provisioning
-// service's revocation feed).
+// Profiles holds the profile of every role. Devices and admins are TLS
+// clients. Gateways are servers and also clients (of the provisioning
+// service's revocation feed). Services are clients of the gateway and may
+// also serve HTTPS (the provisioning service is one), so they may carry
+// host names and serverAuth too.
 var Profiles = map[identity.Role]Profile{
 	identity.RoleDevice:  {Role: identity.RoleDevice, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}},
 	identity.RoleGateway: {Role: identity.RoleGateway, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}, HostNames: true},
-	identity.RoleService: {Role: identity.RoleService, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}},
+	identity.RoleService: {Role: identity.RoleService, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}, HostNames: true},
 	identity.RoleAdmin:   {Role: identity.RoleAdmin, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}},
 }

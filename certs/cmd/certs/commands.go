@@ -82,8 +82,8 @@ Example:
 	role := f.String("role", "", "gateway, service or admin (required)")
 	name := f.String("name", "", "name in the SPIFFE ID (required)")
 	var dns, ips listFlag
-	f.Var(&dns, "dns", "DNS names (gateway only), comma-separated")
-	f.Var(&ips, "ip", "IP addresses (gateway only), comma-separated")
+	f.Var(&dns, "dns", "DNS names (gateway and service only), comma-separated")
+	f.Var(&ips, "ip", "IP addresses (gateway and service only), comma-separated")
 	csrFile := f.String("csr", "", "PKCS#10 request (PEM or DER) to take the public key from")
 	outPrefix := f.String("out", "", "path prefix of the written files (default DIR/ROLE-NAME)")
 	validity := f.String("validity", "", "certificate lifetime, e.g. 30d or 720h (default: the role's policy)")
