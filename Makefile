@@ -10,6 +10,7 @@ STATE        ?= $(CURDIR)/.fleetkey
 TRUST_DOMAIN ?= fleet.local
 BENCH_COUNT  ?= 6
 BENCH        ?= .
+FUZZTIME     ?= 10s
 
 .PHONY: all help build test lint bench run fuzz clean tidy
 
@@ -44,11 +45,8 @@ lint: $(TOOLS)/staticcheck
 bench:
 	@$(GO) test -run='^$$' -bench='$(BENCH)' -benchmem -count=$(BENCH_COUNT) $(PKGS) | tee .bench.out | awk -f scripts/benchtable.awk
 
-FUZZTIME ?= 10s
 fuzz:
-	@for spec in $$(grep -rl --include='*_test.go' '^func Fuzz' $(MODULES) | xargs grep -ho '^func Fuzz[A-Za-z0-9_]*' | sort -u | sed 's/func //'); do \
-		pkg=$$(grep -rl --include='*_test.go' "^func $$spec(" $(MODULES) | head -1 | xargs dirname); \
-		echo "fuzz $$spec in ./$$pkg"; $(GO) test -run='^$$' -fuzz="^$$spec$$" -fuzztime=$(FUZZTIME) ./$$pkg || exit 1; done
+	@FUZZTIME=$(FUZZTIME) scripts/fuzz.sh
 
 run: build
 	@rm -rf $(STATE)/pki

@@ -2,12 +2,15 @@
 //
 // CA keys are stored encrypted as PKCS#8 EncryptedPrivateKeyInfo with PBES2
 // (RFC 8018): PBKDF2-HMAC-SHA256, 600,000 iterations, AES-256-CBC. That is
-// the scheme OpenSSL 3 writes by default for `openssl pkcs8 -topk8 -v2`,
-// so `openssl pkey -passin` opens fleetkey's keys and fleetkey opens
-// OpenSSL's. PBES2 has no integrity check, so a wrong passphrase shows up
-// as bad padding or a PKCS#8 structure that does not parse; both are
-// reported as ErrWrongPassphrase. Reading is bounded: iteration counts
-// above 10,000,000 are refused before any work is done.
+// the scheme OpenSSL 3 itself writes for `openssl pkcs8 -topk8` and
+// `openssl genpkey -aes256` (with far fewer iterations), so `openssl pkey
+// -passin` opens fleetkey's keys and fleetkey opens OpenSSL's; it needs
+// nothing beyond the standard library, and PBKDF2-SHA256 at 600,000
+// iterations is OWASP's current figure. PBES2 has no integrity check, so a
+// wrong passphrase shows up as bad padding or a PKCS#8 structure that does
+// not parse; both are reported as ErrWrongPassphrase. Reading is bounded:
+// a key file chooses its own iteration count, so counts above 10,000,000
+// are refused before any work is done.
 //
 // Leaf keys (gateway, service, admin, device) are unencrypted PKCS#8, since
 // the daemons that use them start unattended; they rely on mode 0600.
@@ -41,6 +44,9 @@ func ParsePrivateKey(data, passphrase []byte) (crypto.Signer, error) {
 	if block == nil {
 		return nil, errors.New("no PEM private key found")
 	}
+	if _, ok := block.Headers["DEK-Info"]; ok {
+		return nil, fmt.Errorf("%s uses legacy PEM encryption (DEK-Info), which is not supported; want %q", block.Type, pemEncrypted)
+	}
 	var key any
 	var err error
 	switch block.Type {
@@ -51,7 +57,7 @@ func ParsePrivateKey(data, passphrase []byte) (crypto.Signer, error) {
 	case pemSEC1:
 		key, err = x509.ParseECPrivateKey(block.Bytes)
 	default:
-		return nil, fmt.Errorf("PEM block %q is not a private key this reads (want %q, %q or %q)", block.Type, pemEncrypted, pemPKCS8, pemSEC1)
+		return nil, fmt.Errorf("unsupported PEM block type %q; want %q, %q or %q", block.Type, pemEncrypted, pemPKCS8, pemSEC1)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("parsing %s: %w", block.Type, err)
@@ -73,52 +79,52 @@ func MarshalPrivateKey(key crypto.Signer) ([]byte, error) {
 	return pem.EncodeToMemory(&pem.Block{Type: pemPKCS8, Bytes: der}), nil
 }
 
-// WriteFile writes data to path with exactly mode perm. It writes a
-// temporary file in the same directory, syncs it, and then moves it into
-// place, so a reader never sees half a file. Unless overwrite is set, an
-// existing path is left untouched and the error wraps fs.ErrExist; the
-// check and the move are one step (a hard link), so two writers cannot both
-// win.
-func WriteFile(path string, data []byte, perm fs.FileMode, overwrite bool) (err error) {
+// WriteFile writes data to path with exactly mode perm (key files use
+// 0600). It writes a temporary file in the same directory, sets its mode
+// explicitly (so the umask cannot change it) before any data goes in, syncs
+// it, and then moves it into place, so a reader never sees half a file.
+// Unless overwrite is set, an existing path is left untouched and the error
+// wraps fs.ErrExist; the check and the move are one step (a hard link), so
+// of two concurrent writers exactly one wins.
+func WriteFile(path string, data []byte, perm fs.FileMode, overwrite bool) error {
 	dir, base := filepath.Split(path)
 	if dir == "" {
 		dir = "."
 	}
 	tmp, err := os.CreateTemp(dir, "."+base+".tmp-*")
 	if err != nil {
-		return err
+		return fmt.Errorf("writing %q: %w", path, err)
 	}
-	tmpName := tmp.Name()
-	defer func() {
-		if tmp != nil {
-			tmp.Close()
-		}
-		os.Remove(tmpName) // after a rename or link this removes the spare name only
-	}()
-	if err := tmp.Chmod(perm); err != nil {
-		return err
+	defer os.Remove(tmp.Name()) // after a rename or link, only the spare name (or nothing) is left
+	if err := writeSync(tmp, data, perm); err != nil {
+		return fmt.Errorf("writing %q: %w", path, err)
 	}
-	if _, err := tmp.Write(data); err != nil {
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	tmp = nil
 	if overwrite {
-		err = os.Rename(tmpName, path)
-	} else if err = os.Link(tmpName, path); errors.Is(err, fs.ErrExist) {
+		err = os.Rename(tmp.Name(), path)
+	} else if err = os.Link(tmp.Name(), path); errors.Is(err, fs.ErrExist) {
 		return fmt.Errorf("refusing to overwrite existing %q: %w", path, fs.ErrExist)
 	}
 	if err != nil {
-		return err
+		return fmt.Errorf("writing %q: %w", path, err)
 	}
 	if d, err := os.Open(dir); err == nil {
 		d.Sync() // make the new name durable; best effort
 		d.Close()
 	}
 	return nil
+}
+
+// writeSync sets f's mode, writes data, syncs and closes f.
+func writeSync(f *os.File, data []byte, perm fs.FileMode) error {
+	err := f.Chmod(perm)
+	if err == nil {
+		_, err = f.Write(data)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }

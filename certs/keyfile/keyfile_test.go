@@ -13,25 +13,33 @@ import (
 	"encoding/asn1"
 	"encoding/pem"
 	"errors"
-	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 )
 
 var pass = []byte("a test passphrase")
 
-// fast keeps the tests quick under -race; one test uses the default.
+// fast keeps the tests quick under -race; TestDefaultIterations uses the
+// default.
 var fast = &EncryptOptions{Iterations: 1000}
 
-func keys(t *testing.T) map[string]crypto.Signer {
+func keys(t testing.TB) map[string]crypto.Signer {
 	t.Helper()
-	p256, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	p384, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
-	_, ed, _ := ed25519.GenerateKey(rand.Reader)
+	p256, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p384, err := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, ed, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
 	r, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		t.Fatal(err)
@@ -52,40 +60,71 @@ func TestRoundTrip(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !bytes.HasPrefix(enc, []byte("-----BEGIN ENCRYPTED PRIVATE KEY-----")) {
+			block, _ := pem.Decode(enc)
+			if block == nil || block.Type != "ENCRYPTED PRIVATE KEY" {
 				t.Fatalf("not an encrypted PKCS#8 PEM:\n%s", enc)
 			}
-			got, err := ParsePrivateKey(enc, pass)
-			if err != nil {
-				t.Fatal(err)
+			if bytes.Contains(block.Bytes, mustPKCS8(t, k)) {
+				t.Fatal("the encrypted key contains the plaintext key")
 			}
-			if !samePublic(k, got) {
-				t.Fatal("decrypted a different key")
+			for form, in := range map[string][]byte{"pem": enc, "der": block.Bytes} {
+				got, err := DecryptPKCS8(in, pass)
+				if err != nil || !samePublic(k, got) {
+					t.Fatalf("DecryptPKCS8(%s): %v", form, err)
+				}
+			}
+			if got, err := ParsePrivateKey(enc, pass); err != nil || !samePublic(k, got) {
+				t.Fatalf("ParsePrivateKey(encrypted): %v", err)
 			}
 			plain, err := MarshalPrivateKey(k)
 			if err != nil {
 				t.Fatal(err)
 			}
+			if !bytes.HasPrefix(plain, []byte("-----BEGIN PRIVATE KEY-----")) {
+				t.Fatalf("not a PKCS#8 PEM:\n%s", plain)
+			}
 			if got, err := ParsePrivateKey(plain, nil); err != nil || !samePublic(k, got) {
-				t.Fatalf("unencrypted round trip: %v", err)
+				t.Fatalf("ParsePrivateKey(PKCS#8): %v", err)
+			}
+			if ec, ok := k.(*ecdsa.PrivateKey); ok {
+				der, err := x509.MarshalECPrivateKey(ec)
+				if err != nil {
+					t.Fatal(err)
+				}
+				sec1 := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der})
+				if got, err := ParsePrivateKey(sec1, nil); err != nil || !samePublic(k, got) {
+					t.Fatalf("ParsePrivateKey(SEC 1): %v", err)
+				}
 			}
 		})
 	}
 }
 
+func mustPKCS8(t *testing.T, k crypto.Signer) []byte {
+	t.Helper()
+	der, err := x509.MarshalPKCS8PrivateKey(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
+}
+
 func TestDefaultIterations(t *testing.T) {
 	t.Parallel()
-	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
 	enc, err := EncryptPKCS8(k, pass, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	kdf := parseKDF(t, enc)
-	if kdf.IterationCount != DefaultIterations || !kdf.PRF.Algorithm.Equal(oidHMACSHA256) || len(kdf.Salt) != 16 {
-		t.Fatalf("parameters = %d iterations, PRF %v, %d-byte salt", kdf.IterationCount, kdf.PRF.Algorithm, len(kdf.Salt))
+	if kdf.IterationCount != DefaultIterations || !kdf.PRF.Algorithm.Equal(oidHMACSHA256) || len(kdf.Salt) != 16 || kdf.KeyLength != 0 {
+		t.Fatalf("parameters = %d iterations, PRF %v, %d-byte salt, key length %d", kdf.IterationCount, kdf.PRF.Algorithm, len(kdf.Salt), kdf.KeyLength)
 	}
-	if _, err := DecryptPKCS8(enc, pass); err != nil {
-		t.Fatal(err)
+	if got, err := DecryptPKCS8(enc, pass); err != nil || !samePublic(k, got) {
+		t.Fatalf("DecryptPKCS8: %v", err)
 	}
 }
 
@@ -93,6 +132,9 @@ func TestDefaultIterations(t *testing.T) {
 func parseKDF(t *testing.T, enc []byte) pbkdf2Params {
 	t.Helper()
 	block, _ := pem.Decode(enc)
+	if block == nil {
+		t.Fatal("no PEM block")
+	}
 	var info encryptedPrivateKeyInfo
 	var params pbes2Params
 	var kdf pbkdf2Params
@@ -108,61 +150,111 @@ func parseKDF(t *testing.T, enc []byte) pbkdf2Params {
 	return kdf
 }
 
-// craft builds an EncryptedPrivateKeyInfo with chosen parameters.
-func craft(t *testing.T, kdfOID, prf, cipherOID asn1.ObjectIdentifier, iterations, keyLen int, iv, data []byte) []byte {
+// spec describes an EncryptedPrivateKeyInfo for craft to build.
+type spec struct {
+	scheme, kdf, prf, cipher asn1.ObjectIdentifier
+	iterations, keyLen       int
+	iv, data                 []byte
+	kdfTrailer               []byte // appended inside the PBES2 parameters
+}
+
+// craft builds an EncryptedPrivateKeyInfo DER from valid-looking defaults
+// changed by edit. The ciphertext is zeros, so it never decrypts.
+func craft(t testing.TB, edit func(*spec)) []byte {
 	t.Helper()
-	kdf, err := asn1.Marshal(pbkdf2Params{Salt: []byte("saltsaltsaltsalt"), IterationCount: iterations, KeyLength: keyLen, PRF: pkix.AlgorithmIdentifier{Algorithm: prf, Parameters: asn1.NullRawValue}})
+	s := spec{
+		scheme: oidPBES2, kdf: oidPBKDF2, prf: oidHMACSHA256, cipher: oidAES256CBC,
+		iterations: 1000, iv: make([]byte, 16), data: make([]byte, 32),
+	}
+	edit(&s)
+	kdf, err := asn1.Marshal(pbkdf2Params{Salt: []byte("saltsaltsaltsalt"), IterationCount: s.iterations, KeyLength: s.keyLen, PRF: pkix.AlgorithmIdentifier{Algorithm: s.prf, Parameters: asn1.NullRawValue}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	ivDER, _ := asn1.Marshal(iv)
-	params, _ := asn1.Marshal(pbes2Params{
-		KeyDerivationFunc: pkix.AlgorithmIdentifier{Algorithm: kdfOID, Parameters: asn1.RawValue{FullBytes: kdf}},
-		EncryptionScheme:  pkix.AlgorithmIdentifier{Algorithm: cipherOID, Parameters: asn1.RawValue{FullBytes: ivDER}},
+	ivDER, err := asn1.Marshal(s.iv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	params, err := asn1.Marshal(pbes2Params{
+		KeyDerivationFunc: pkix.AlgorithmIdentifier{Algorithm: s.kdf, Parameters: asn1.RawValue{FullBytes: append(kdf, s.kdfTrailer...)}},
+		EncryptionScheme:  pkix.AlgorithmIdentifier{Algorithm: s.cipher, Parameters: asn1.RawValue{FullBytes: ivDER}},
 	})
-	der, _ := asn1.Marshal(encryptedPrivateKeyInfo{Algorithm: pkix.AlgorithmIdentifier{Algorithm: oidPBES2, Parameters: asn1.RawValue{FullBytes: params}}, EncryptedData: data})
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := asn1.Marshal(encryptedPrivateKeyInfo{Algorithm: pkix.AlgorithmIdentifier{Algorithm: s.scheme, Parameters: asn1.RawValue{FullBytes: params}}, EncryptedData: s.data})
+	if err != nil {
+		t.Fatal(err)
+	}
 	return der
 }
 
-func TestRefusals(t *testing.T) {
+func pemOf(typ string, der []byte) []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})
+}
+
+func TestReadRefusals(t *testing.T) {
 	t.Parallel()
-	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
 	good, err := EncryptPKCS8(k, pass, fast)
 	if err != nil {
 		t.Fatal(err)
 	}
 	block, _ := pem.Decode(good)
-	trailing := pem.EncodeToMemory(&pem.Block{Type: "ENCRYPTED PRIVATE KEY", Bytes: append(append([]byte(nil), block.Bytes...), 0)})
-	iv := make([]byte, 16)
-	data := make([]byte, 32)
+	trailing := pemOf("ENCRYPTED PRIVATE KEY", append(bytes.Clone(block.Bytes), 0))
+	sec1, err := x509.MarshalECPrivateKey(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	legacy := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Headers: map[string]string{"Proc-Type": "4,ENCRYPTED", "DEK-Info": "AES-256-CBC,00000000000000000000000000000000"}, Bytes: sec1})
+	enc := func(edit func(*spec)) []byte { return pemOf("ENCRYPTED PRIVATE KEY", craft(t, edit)) }
 	cases := []struct {
-		name   string
-		in     []byte
-		pass   []byte
-		target error
-		detail string
+		name    string
+		in      []byte
+		pass    []byte
+		decrypt bool  // call DecryptPKCS8 rather than ParsePrivateKey
+		target  error // errors.Is target, if any
+		detail  string
 	}{
-		{"fail/wrong-passphrase", good, []byte("not it"), ErrWrongPassphrase, ""},
-		{"fail/no-passphrase", good, nil, ErrNeedPassphrase, ""},
-		{"fail/no-pem", []byte("garbage"), pass, nil, "no PEM private key"},
-		{"fail/unknown-pem-type", []byte("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"), pass, nil, `PEM block "CERTIFICATE" is not a private key`},
-		{"fail/trailing-bytes", trailing, pass, nil, "trailing bytes"},
-		{"fail/too-many-iterations", pemOf(craft(t, oidPBKDF2, oidHMACSHA256, oidAES256CBC, 1<<30, 0, iv, data)), pass, nil, "iteration count 1073741824 is outside"},
-		{"fail/zero-iterations", pemOf(craft(t, oidPBKDF2, oidHMACSHA256, oidAES256CBC, 0, 0, iv, data)), pass, nil, "iteration count 0 is outside"},
-		{"fail/unknown-cipher", pemOf(craft(t, oidPBKDF2, oidHMACSHA256, asn1.ObjectIdentifier{1, 2, 840, 113549, 3, 7}, 1000, 0, iv, data)), pass, nil, "cipher 1.2.840.113549.3.7 is not supported"},
-		{"fail/unknown-prf", pemOf(craft(t, oidPBKDF2, asn1.ObjectIdentifier{1, 2, 840, 113549, 2, 5}, oidAES256CBC, 1000, 0, iv, data)), pass, nil, "PRF 1.2.840.113549.2.5 is not supported"},
-		{"fail/unknown-kdf", pemOf(craft(t, asn1.ObjectIdentifier{1, 3, 6, 1, 4, 1, 11591, 4, 11}, oidHMACSHA256, oidAES256CBC, 1000, 0, iv, data)), pass, nil, "key derivation 1.3.6.1.4.1.11591.4.11 is not supported"},
-		{"fail/key-length-mismatch", pemOf(craft(t, oidPBKDF2, oidHMACSHA256, oidAES256CBC, 1000, 16, iv, data)), pass, nil, "key length 16 does not fit"},
-		{"fail/short-iv", pemOf(craft(t, oidPBKDF2, oidHMACSHA256, oidAES256CBC, 1000, 0, iv[:8], data)), pass, nil, "IV is 8 bytes"},
-		{"fail/partial-block", pemOf(craft(t, oidPBKDF2, oidHMACSHA256, oidAES256CBC, 1000, 0, iv, data[:20])), pass, nil, "not whole AES blocks"},
-		{"fail/garbage-plaintext", pemOf(craft(t, oidPBKDF2, oidHMACSHA256, oidAES256CBC, 1000, 0, iv, data)), pass, ErrWrongPassphrase, ""},
+		{name: "fail/wrong-passphrase", in: good, pass: []byte("not it"), target: ErrWrongPassphrase, detail: "wrong passphrase or corrupt key"},
+		{name: "fail/wrong-passphrase-der", in: block.Bytes, pass: []byte("not it"), decrypt: true, target: ErrWrongPassphrase},
+		{name: "fail/no-passphrase", in: good, target: ErrNeedPassphrase, detail: "needs a passphrase"},
+		{name: "fail/empty-passphrase", in: block.Bytes, pass: []byte{}, decrypt: true, target: ErrNeedPassphrase},
+		{name: "fail/no-pem", in: []byte("garbage"), pass: pass, detail: "no PEM private key"},
+		{name: "fail/garbage-der", in: []byte("garbage"), pass: pass, decrypt: true, detail: "malformed encrypted private key"},
+		{name: "fail/unknown-pem-type", in: pemOf("CERTIFICATE", []byte{0}), pass: pass, detail: `unsupported PEM block type "CERTIFICATE"`},
+		{name: "fail/decrypt-unencrypted-pem", in: pemOf("PRIVATE KEY", []byte{0}), pass: pass, decrypt: true, detail: `PEM block is "PRIVATE KEY"`},
+		{name: "fail/legacy-pem-encryption", in: legacy, pass: pass, detail: "legacy PEM encryption (DEK-Info)"},
+		{name: "fail/garbage-pkcs8", in: pemOf("PRIVATE KEY", []byte("garbage")), detail: "parsing PRIVATE KEY"},
+		{name: "fail/garbage-sec1", in: pemOf("EC PRIVATE KEY", []byte("garbage")), detail: "parsing EC PRIVATE KEY"},
+		{name: "fail/trailing-bytes", in: trailing, pass: pass, detail: "malformed encrypted private key: 1 trailing bytes"},
+		{name: "fail/trailing-bytes-in-kdf-params", in: enc(func(s *spec) { s.kdfTrailer = []byte{5, 0} }), pass: pass, detail: "malformed PBKDF2 parameters: 2 trailing bytes"},
+		{name: "fail/too-many-iterations", in: enc(func(s *spec) { s.iterations = 10_000_001 }), pass: pass, detail: "PBKDF2 iteration count 10000001 is outside 1..10000000"},
+		{name: "fail/huge-iterations", in: enc(func(s *spec) { s.iterations = 1 << 40 }), pass: pass, detail: "iteration count 1099511627776 is outside"},
+		{name: "fail/zero-iterations", in: enc(func(s *spec) { s.iterations = 0 }), pass: pass, detail: "iteration count 0 is outside"},
+		{name: "fail/unknown-scheme", in: enc(func(s *spec) { s.scheme = asn1.ObjectIdentifier{1, 2, 840, 113549, 1, 12, 1, 3} }), pass: pass, detail: "encrypted with 1.2.840.113549.1.12.1.3; only PBES2"},
+		{name: "fail/unknown-kdf", in: enc(func(s *spec) { s.kdf = asn1.ObjectIdentifier{1, 3, 6, 1, 4, 1, 11591, 4, 11} }), pass: pass, detail: "key derivation 1.3.6.1.4.1.11591.4.11 is not supported"},
+		{name: "fail/unknown-cipher", in: enc(func(s *spec) { s.cipher = asn1.ObjectIdentifier{1, 2, 840, 113549, 3, 7} }), pass: pass, detail: "cipher 1.2.840.113549.3.7 is not supported"},
+		{name: "fail/unknown-prf", in: enc(func(s *spec) { s.prf = asn1.ObjectIdentifier{1, 2, 840, 113549, 2, 5} }), pass: pass, detail: "PRF 1.2.840.113549.2.5 is not supported"},
+		{name: "fail/key-length-mismatch", in: enc(func(s *spec) { s.keyLen = 16 }), pass: pass, detail: "key length 16 does not fit the cipher's 32"},
+		{name: "fail/short-iv", in: enc(func(s *spec) { s.iv = s.iv[:8] }), pass: pass, detail: "cipher IV is 8 bytes; want 16"},
+		{name: "fail/partial-block", in: enc(func(s *spec) { s.data = s.data[:20] }), pass: pass, detail: "20 bytes is not whole AES blocks"},
+		{name: "fail/no-data", in: enc(func(s *spec) { s.data = nil }), pass: pass, detail: "0 bytes is not whole AES blocks"},
+		{name: "fail/garbage-plaintext", in: enc(func(*spec) {}), pass: pass, target: ErrWrongPassphrase},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
-			key, err := ParsePrivateKey(c.in, c.pass)
+			read := ParsePrivateKey
+			if c.decrypt {
+				read = DecryptPKCS8
+			}
+			key, err := read(c.in, c.pass)
 			if key != nil || err == nil {
-				t.Fatalf("ParsePrivateKey succeeded")
+				t.Fatalf("read succeeded: %T, %v", key, err)
 			}
 			if c.target != nil && !errors.Is(err, c.target) {
 				t.Fatalf("err = %v, want %v", err, c.target)
@@ -170,144 +262,210 @@ func TestRefusals(t *testing.T) {
 			if !strings.Contains(err.Error(), c.detail) {
 				t.Fatalf("err = %v, want it to contain %q", err, c.detail)
 			}
-			if c.pass != nil && strings.Contains(err.Error(), string(c.pass)) {
+			if len(c.pass) > 0 && strings.Contains(err.Error(), string(c.pass)) {
 				t.Fatalf("error reveals the passphrase: %v", err)
 			}
 		})
 	}
-	if _, err := EncryptPKCS8(k, nil, fast); err == nil {
-		t.Error("encrypted with an empty passphrase")
+}
+
+// unsupportedSigner is a crypto.Signer that PKCS#8 cannot hold.
+type unsupportedSigner struct{ crypto.Signer }
+
+func TestEncryptRefusals(t *testing.T) {
+	t.Parallel()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if _, err := EncryptPKCS8(k, pass, &EncryptOptions{Iterations: 10}); err == nil {
-		t.Error("encrypted with 10 iterations")
+	cases := []struct {
+		name   string
+		key    crypto.Signer
+		pass   []byte
+		opts   *EncryptOptions
+		detail string
+	}{
+		{"fail/empty-passphrase", k, nil, fast, "empty passphrase"},
+		{"fail/too-few-iterations", k, pass, &EncryptOptions{Iterations: 999}, "999 PBKDF2 iterations is outside 1000..10000000"},
+		{"fail/negative-iterations", k, pass, &EncryptOptions{Iterations: -1}, "-1 PBKDF2 iterations is outside"},
+		{"fail/too-many-iterations", k, pass, &EncryptOptions{Iterations: 10_000_001}, "10000001 PBKDF2 iterations is outside"},
+		{"fail/unsupported-key", unsupportedSigner{k}, pass, fast, "encrypting key: x509: unknown key type"},
+		{"fail/short-rand", k, pass, &EncryptOptions{Iterations: 1000, Rand: bytes.NewReader(make([]byte, 20))}, "reading IV: unexpected EOF"},
+		{"fail/no-rand", k, pass, &EncryptOptions{Iterations: 1000, Rand: bytes.NewReader(nil)}, "reading salt: EOF"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			out, err := EncryptPKCS8(c.key, c.pass, c.opts)
+			if out != nil || err == nil || !strings.Contains(err.Error(), c.detail) {
+				t.Fatalf("EncryptPKCS8 = %d bytes, %v; want an error containing %q", len(out), err, c.detail)
+			}
+		})
 	}
 }
 
-func pemOf(der []byte) []byte {
-	return pem.EncodeToMemory(&pem.Block{Type: "ENCRYPTED PRIVATE KEY", Bytes: der})
+func TestEncryptUsesRand(t *testing.T) {
+	t.Parallel()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed := bytes.Repeat([]byte{7}, 32)
+	a, err := EncryptPKCS8(k, pass, &EncryptOptions{Iterations: 1000, Rand: bytes.NewReader(seed)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := EncryptPKCS8(k, pass, &EncryptOptions{Iterations: 1000, Rand: bytes.NewReader(seed)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(a, b) {
+		t.Fatal("the same salt and IV gave different output")
+	}
+	if kdf := parseKDF(t, a); !bytes.Equal(kdf.Salt, seed[:16]) {
+		t.Fatalf("salt = %x, want the first 16 bytes of Rand", kdf.Salt)
+	}
+	c, err := EncryptPKCS8(k, pass, fast)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(a, c) {
+		t.Fatal("crypto/rand gave the fixed salt and IV")
+	}
 }
 
-// TestOpenSSL checks interoperability both ways with openssl, which nobody
-// here wrote.
+// TestOpenSSL checks interoperability both ways with OpenSSL.
 func TestOpenSSL(t *testing.T) {
 	t.Parallel()
 	if _, err := exec.LookPath("openssl"); err != nil {
-		t.Skip("openssl not installed; .ci/run installs it")
+		t.Skip("openssl is not on $PATH; skipping the OpenSSL interoperability tests")
 	}
 	dir := t.TempDir()
-	run := func(args ...string) []byte {
+	write := func(t *testing.T, name string, data []byte) string {
 		t.Helper()
-		out, err := exec.Command("openssl", args...).Output()
-		if err != nil {
-			t.Fatalf("openssl %s: %v", strings.Join(args, " "), err)
+		f := filepath.Join(dir, name)
+		if err := os.WriteFile(f, data, 0o600); err != nil {
+			t.Fatal(err)
 		}
-		return out
+		return f
 	}
+	passArg := "pass:" + string(pass)
+
+	// OpenSSL reads what EncryptPKCS8 writes, and refuses a wrong passphrase.
 	for name, k := range keys(t) {
+		enc, err := EncryptPKCS8(k, pass, fast)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := write(t, "ours-"+name+".key", enc)
 		t.Run("ok/openssl-reads-"+name, func(t *testing.T) {
-			enc, err := EncryptPKCS8(k, pass, fast)
+			t.Parallel()
+			pub := openssl(t, "pkey", "-in", f, "-passin", passArg, "-pubout", "-outform", "DER")
+			want, err := x509.MarshalPKIXPublicKey(k.Public())
 			if err != nil {
 				t.Fatal(err)
 			}
-			f := filepath.Join(dir, name+".key")
-			if err := os.WriteFile(f, enc, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			pub := run("pkey", "-in", f, "-passin", "pass:"+string(pass), "-pubout", "-outform", "DER")
-			want, _ := x509.MarshalPKIXPublicKey(k.Public())
 			if !bytes.Equal(pub, want) {
 				t.Fatal("openssl decrypted a different key")
 			}
-			if err := exec.Command("openssl", "pkey", "-in", f, "-passin", "pass:wrong", "-noout").Run(); err == nil {
-				t.Fatal("openssl accepted a wrong passphrase")
+		})
+		t.Run("fail/openssl-wrong-passphrase-"+name, func(t *testing.T) {
+			t.Parallel()
+			out, err := exec.Command("openssl", "pkey", "-in", f, "-passin", "pass:wrong", "-noout").CombinedOutput()
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) {
+				t.Fatalf("openssl with a wrong passphrase: err = %v, want a non-zero exit\n%s", err, out)
 			}
 		})
 	}
-	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	plain, _ := MarshalPrivateKey(k)
-	in := filepath.Join(dir, "plain.key")
-	if err := os.WriteFile(in, plain, 0o600); err != nil {
+
+	// DecryptPKCS8 reads what OpenSSL writes.
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
 		t.Fatal(err)
 	}
-	for _, c := range []struct{ name, cipher, prf string }{
-		{"ok/aes256-sha256", "aes256", "hmacWithSHA256"},
-		{"ok/aes128-sha1", "aes128", "hmacWithSHA1"},
-		{"ok/aes192-sha512", "aes192", "hmacWithSHA512"},
-	} {
+	plain, err := MarshalPrivateKey(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := write(t, "plain.key", plain)
+	cases := []struct {
+		name   string
+		args   []string
+		sha1   bool // the PRF is left out, meaning the default HMAC-SHA1
+		cipher asn1.ObjectIdentifier
+	}{
+		{"ok/pkcs8-aes256-sha256", []string{"pkcs8", "-topk8", "-in", in, "-v2", "aes256", "-v2prf", "hmacWithSHA256", "-passout", passArg}, false, oidAES256CBC},
+		{"ok/pkcs8-aes128-sha1", []string{"pkcs8", "-topk8", "-in", in, "-v2", "aes128", "-v2prf", "hmacWithSHA1", "-passout", passArg}, true, oidAES128CBC},
+		{"ok/pkcs8-aes192-sha512", []string{"pkcs8", "-topk8", "-in", in, "-v2", "aes192", "-v2prf", "hmacWithSHA512", "-passout", passArg}, false, oidAES192CBC},
+		{"ok/pkcs8-aes256-sha384", []string{"pkcs8", "-topk8", "-in", in, "-v2", "aes256", "-v2prf", "hmacWithSHA384", "-passout", passArg}, false, oidAES256CBC},
+		{"ok/genpkey-p256-aes128", []string{"genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-aes-128-cbc", "-pass", passArg}, false, oidAES128CBC},
+		{"ok/genpkey-ed25519-aes128", []string{"genpkey", "-algorithm", "ED25519", "-aes-128-cbc", "-pass", passArg}, false, oidAES128CBC},
+		{"ok/genpkey-rsa2048-aes256", []string{"genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-aes-256-cbc", "-pass", passArg}, false, oidAES256CBC},
+	}
+	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			out := run("pkcs8", "-topk8", "-in", in, "-v2", c.cipher, "-v2prf", c.prf, "-passout", "pass:"+string(pass))
-			got, err := ParsePrivateKey(out, pass)
+			t.Parallel()
+			enc := openssl(t, c.args...)
+			if kdf := parseKDF(t, enc); (len(kdf.PRF.Algorithm) == 0) != c.sha1 {
+				t.Fatalf("PRF = %v; the test does not cover what it says", kdf.PRF.Algorithm)
+			}
+			want := openssl(t, "pkey", "-in", write(t, strings.TrimPrefix(c.name, "ok/")+".key", enc), "-passin", passArg, "-pubout", "-outform", "DER")
+			got, err := DecryptPKCS8(enc, pass)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !samePublic(k, got) {
-				t.Fatal("read a different key")
+			if pub, err := x509.MarshalPKIXPublicKey(got.Public()); err != nil || !bytes.Equal(pub, want) {
+				t.Fatalf("read a different key (%v)", err)
 			}
-			if _, err := ParsePrivateKey(out, []byte("wrong")); !errors.Is(err, ErrWrongPassphrase) {
-				t.Fatalf("wrong passphrase: %v", err)
+			if _, err := DecryptPKCS8(enc, []byte("wrong")); !errors.Is(err, ErrWrongPassphrase) {
+				t.Fatalf("wrong passphrase: err = %v, want ErrWrongPassphrase", err)
 			}
 		})
 	}
-	// openssl's SEC 1 ("EC PRIVATE KEY") output reads too.
-	sec1 := run("ec", "-in", in)
-	if got, err := ParsePrivateKey(sec1, nil); err != nil || !samePublic(k, got) {
-		t.Fatalf("SEC 1 key: %v", err)
-	}
+	t.Run("ok/openssl-sec1", func(t *testing.T) {
+		t.Parallel()
+		if got, err := ParsePrivateKey(openssl(t, "ec", "-in", in), nil); err != nil || !samePublic(k, got) {
+			t.Fatalf("SEC 1 key: %v", err)
+		}
+	})
 }
 
-func TestWriteFile(t *testing.T) {
-	t.Parallel()
-	dir := t.TempDir()
-	old := syscall.Umask(0)
-	defer syscall.Umask(old)
-	p := filepath.Join(dir, "k.key")
-	if err := WriteFile(p, []byte("first"), 0o600, false); err != nil {
-		t.Fatal(err)
+// openssl runs openssl and returns its standard output.
+func openssl(t *testing.T, args ...string) []byte {
+	t.Helper()
+	cmd := exec.Command("openssl", args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("openssl %s: %v\n%s", strings.Join(args, " "), err, stderr.Bytes())
 	}
-	fi, err := os.Stat(p)
-	if err != nil || fi.Mode().Perm() != 0o600 {
-		t.Fatalf("mode = %v, %v", fi.Mode().Perm(), err)
-	}
-	err = WriteFile(p, []byte("second"), 0o600, false)
-	if !errors.Is(err, fs.ErrExist) || !strings.Contains(err.Error(), "refusing to overwrite") {
-		t.Fatalf("second write: %v", err)
-	}
-	if b, _ := os.ReadFile(p); string(b) != "first" {
-		t.Fatalf("original changed to %q", b)
-	}
-	if err := WriteFile(p, []byte("third"), 0o644, true); err != nil {
-		t.Fatal(err)
-	}
-	if b, _ := os.ReadFile(p); string(b) != "third" {
-		t.Fatalf("overwrite gave %q", b)
-	}
-	if fi, _ := os.Stat(p); fi.Mode().Perm() != 0o644 {
-		t.Fatalf("mode after overwrite = %v", fi.Mode().Perm())
-	}
-	entries, _ := os.ReadDir(dir)
-	if len(entries) != 1 {
-		t.Fatalf("temporary files left behind: %v", entries)
-	}
-	if err := WriteFile(filepath.Join(dir, "missing", "k"), nil, 0o600, false); err == nil {
-		t.Fatal("wrote into a missing directory")
-	}
+	return out
 }
 
 func FuzzDecryptPKCS8(f *testing.F) {
-	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	enc, err := EncryptPKCS8(k, pass, fast)
-	if err != nil {
-		f.Fatal(err)
+	for _, k := range keys(f) {
+		enc, err := EncryptPKCS8(k, pass, fast)
+		if err != nil {
+			f.Fatal(err)
+		}
+		block, _ := pem.Decode(enc)
+		f.Add(block.Bytes)
+		f.Add(enc)
 	}
-	block, _ := pem.Decode(enc)
-	f.Add(block.Bytes)
-	f.Add(enc)
+	f.Add(craft(f, func(s *spec) { s.prf = oidHMACSHA1; s.cipher = oidAES128CBC }))
+	f.Add(craft(f, func(s *spec) { s.iterations = 1 << 40 }))
 	f.Add([]byte("garbage"))
-	maxIterations = 5000 // keep each input cheap
+	f.Add([]byte{})
+	// Each input chooses its own iteration count; keep them all cheap.
+	old := maxIterations
+	f.Cleanup(func() { maxIterations = old })
+	maxIterations = 5000
 	f.Fuzz(func(t *testing.T, data []byte) {
 		key, err := DecryptPKCS8(data, pass)
-		if err == nil && key == nil {
-			t.Fatal("no key and no error")
+		if (key == nil) == (err == nil) {
+			t.Fatalf("key %T and error %v", key, err)
 		}
 		if err != nil && strings.Contains(err.Error(), string(pass)) {
 			t.Fatal("error reveals the passphrase")

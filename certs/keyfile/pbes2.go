@@ -96,7 +96,9 @@ type EncryptOptions struct {
 // (PKCS#8 EncryptedPrivateKeyInfo, RFC 5958) with PBES2: PBKDF2-HMAC-SHA256
 // over a 16-byte random salt, and AES-256-CBC with a random IV. That is
 // what `openssl pkcs8 -topk8 -v2 aes256 -v2prf hmacWithSHA256` writes, and
-// what `openssl pkey -passin` reads.
+// what `openssl pkey -passin` reads. The passphrase must not be empty, and
+// the iteration count must be within 1000..10,000,000 (the upper bound is
+// what DecryptPKCS8 accepts).
 func EncryptPKCS8(key crypto.Signer, passphrase []byte, opts *EncryptOptions) ([]byte, error) {
 	if len(passphrase) == 0 {
 		return nil, errors.New("encrypting key: empty passphrase")
@@ -133,7 +135,7 @@ func EncryptPKCS8(key crypto.Signer, passphrase []byte, opts *EncryptOptions) ([
 	defer clear(dk)
 	block, err := aes.NewCipher(dk)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("encrypting key: %w", err)
 	}
 	pad := aes.BlockSize - len(plain)%aes.BlockSize
 	padded := make([]byte, len(plain)+pad)
@@ -145,7 +147,16 @@ func EncryptPKCS8(key crypto.Signer, passphrase []byte, opts *EncryptOptions) ([
 	ct := make([]byte, len(padded))
 	cipher.NewCBCEncrypter(block, iv).CryptBlocks(ct, padded)
 
-	kdf, err := asn1.Marshal(pbkdf2Params{Salt: salt, IterationCount: o.Iterations, PRF: pkix.AlgorithmIdentifier{Algorithm: oidHMACSHA256, Parameters: asn1.NullRawValue}})
+	der, err := marshalPBES2(salt, iv, o.Iterations, ct)
+	if err != nil {
+		return nil, fmt.Errorf("encrypting key: encoding: %w", err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: pemEncrypted, Bytes: der}), nil
+}
+
+// marshalPBES2 encodes the EncryptedPrivateKeyInfo that EncryptPKCS8 writes.
+func marshalPBES2(salt, iv []byte, iterations int, ct []byte) ([]byte, error) {
+	kdf, err := asn1.Marshal(pbkdf2Params{Salt: salt, IterationCount: iterations, PRF: pkix.AlgorithmIdentifier{Algorithm: oidHMACSHA256, Parameters: asn1.NullRawValue}})
 	if err != nil {
 		return nil, err
 	}
@@ -160,14 +171,10 @@ func EncryptPKCS8(key crypto.Signer, passphrase []byte, opts *EncryptOptions) ([
 	if err != nil {
 		return nil, err
 	}
-	der, err := asn1.Marshal(encryptedPrivateKeyInfo{
+	return asn1.Marshal(encryptedPrivateKeyInfo{
 		Algorithm:     pkix.AlgorithmIdentifier{Algorithm: oidPBES2, Parameters: asn1.RawValue{FullBytes: params}},
 		EncryptedData: ct,
 	})
-	if err != nil {
-		return nil, err
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: pemEncrypted, Bytes: der}), nil
 }
 
 // unmarshalExact parses DER into v and refuses trailing bytes.
@@ -184,8 +191,10 @@ func unmarshalExact(der []byte, v any, what string) error {
 
 // DecryptPKCS8 decrypts a PEM or DER EncryptedPrivateKeyInfo protected with
 // PBES2: PBKDF2 (HMAC-SHA1, -SHA256, -SHA384 or -SHA512) and AES-128/192/256
-// in CBC mode. Any other scheme is refused by name, and more than
-// 10,000,000 PBKDF2 iterations is refused before any work is done.
+// in CBC mode. Any other scheme is refused with its OID, and more than
+// 10,000,000 PBKDF2 iterations is refused before any work is done. An empty
+// passphrase gives ErrNeedPassphrase; one that does not decrypt the key
+// gives ErrWrongPassphrase.
 func DecryptPKCS8(data, passphrase []byte) (crypto.Signer, error) {
 	if block, _ := pem.Decode(data); block != nil {
 		if block.Type != pemEncrypted {
@@ -246,12 +255,12 @@ func DecryptPKCS8(data, passphrase []byte) (crypto.Signer, error) {
 	}
 	dk, err := pbkdf2.Key(prf, string(passphrase), kdf.Salt, kdf.IterationCount, keyLen)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("deriving key: %w", err)
 	}
 	defer clear(dk)
 	block, err := aes.NewCipher(dk)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("decrypting key: %w", err)
 	}
 	plain := make([]byte, len(ct))
 	defer clear(plain)

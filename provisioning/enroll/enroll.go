@@ -32,6 +32,8 @@ type Refusal struct {
 	Status  int
 	Reason  string
 	Message string
+	// RetryAfter, in seconds, for 429 and 503 answers.
+	RetryAfter int
 }
 
 func (r *Refusal) Error() string { return r.Message }
@@ -256,6 +258,18 @@ func (s *Service) issue(ctx context.Context, creq *authority.Request, csr []byte
 	}
 	s.log().Info("certificate issued", "action", ev.Action, "device", creq.Name, "serial", serial, "not_after", cert.NotAfter, "actor", ev.Actor)
 	return &Result{Cert: cert}, nil
+}
+
+// Refuse records a refusal decided before the request reached Enroll or
+// Reenroll (wrong content type, oversized body, no credential, rate
+// limit), so that every refusal is in the audit log.
+func (s *Service) Refuse(ctx context.Context, action, actor, remote string, r *Refusal) {
+	_ = s.refused(ctx, registry.AuditEvent{Action: action, Actor: actor, RemoteAddr: remote}, r)
+}
+
+// NewRefusal makes a Refusal for callers outside this package.
+func NewRefusal(status int, reason, format string, args ...any) *Refusal {
+	return refuse(status, reason, format, args...)
 }
 
 // refused records a refusal in the audit log and returns it.

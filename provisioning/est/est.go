@@ -136,57 +136,79 @@ func (h *Handler) csrattrsHandler(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *Handler) enrollHandler(w http.ResponseWriter, r *http.Request) {
+	const endpoint = "simpleenroll"
 	remote := clientAddr(r)
-	if !h.allow(w, h.limitIP, "addr:"+remote) {
-		h.observe("simpleenroll", "rate-limited")
+	actor := "token:?"
+	tok, hasTok := bearerOrBasic(r)
+	if id, _, err := token.Parse(tok); hasTok && err == nil {
+		actor = "token:" + id
+	}
+	if ref := h.limit(h.limitIP, "addr:"+remote); ref != nil {
+		h.refuse(w, r, endpoint, actor, ref)
 		return
 	}
-	tok, ok := bearerOrBasic(r)
-	if !ok {
-		challenge(w)
-		http.Error(w, "enrollment needs a token: send it as 'Authorization: Bearer <token>' or as the password of HTTP Basic", http.StatusUnauthorized)
-		h.observe("simpleenroll", "no-credential")
+	if !hasTok {
+		h.refuse(w, r, endpoint, actor, enroll.NewRefusal(http.StatusUnauthorized, "no-credential",
+			"enrollment needs a token: send it as 'Authorization: Bearer <token>' or as the password of HTTP Basic"))
 		return
 	}
-	if id, _, err := token.Parse(tok); err == nil && !h.allow(w, h.limitTok, "token:"+id) {
-		h.observe("simpleenroll", "rate-limited")
-		return
+	if actor != "token:?" {
+		if ref := h.limit(h.limitTok, actor); ref != nil {
+			h.refuse(w, r, endpoint, actor, ref)
+			return
+		}
 	}
-	csr, ok := h.readCSR(w, r, "simpleenroll")
-	if !ok {
+	csr, ref := readCSR(w, r)
+	if ref != nil {
+		h.refuse(w, r, endpoint, actor, ref)
 		return
 	}
 	res, err := h.svc.Enroll(r.Context(), tok, enroll.Request{CSR: csr, RemoteAddr: remote})
-	h.respond(w, r, "simpleenroll", res, err)
+	h.respond(w, r, endpoint, res, err)
 }
 
 func (h *Handler) reenrollHandler(w http.ResponseWriter, r *http.Request) {
+	const endpoint = "simplereenroll"
 	remote := clientAddr(r)
-	if !h.allow(w, h.limitIP, "addr:"+remote) {
-		h.observe("simplereenroll", "rate-limited")
+	if ref := h.limit(h.limitIP, "addr:"+remote); ref != nil {
+		h.refuse(w, r, endpoint, "device:?", ref)
 		return
 	}
 	peer, err := PeerOf(r, h.bundle, h.now(), identity.RoleDevice)
 	if err != nil {
-		http.Error(w, err.Error(), http.StatusForbidden)
-		h.observe("simplereenroll", "bad-client-certificate")
+		h.refuse(w, r, endpoint, "device:?", enroll.NewRefusal(http.StatusForbidden, "bad-client-certificate", "%s", err.Error()))
 		return
 	}
-	csr, ok := h.readCSR(w, r, "simplereenroll")
-	if !ok {
+	csr, ref := readCSR(w, r)
+	if ref != nil {
+		h.refuse(w, r, endpoint, "device:"+peer.ID.Name, ref)
 		return
 	}
 	res, err := h.svc.Reenroll(r.Context(), peer, enroll.Request{CSR: csr, RemoteAddr: remote})
-	h.respond(w, r, "simplereenroll", res, err)
+	h.respond(w, r, endpoint, res, err)
+}
+
+// refuse audits a refusal made here, before the enrollment decision, and
+// answers it.
+func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, endpoint, actor string, ref *enroll.Refusal) {
+	h.svc.Refuse(r.Context(), strings.TrimPrefix(endpoint, "simple"), actor, clientAddr(r), ref)
+	h.writeRefusal(w, endpoint, ref)
+}
+
+func (h *Handler) writeRefusal(w http.ResponseWriter, endpoint string, ref *enroll.Refusal) {
+	if ref.Status == http.StatusUnauthorized {
+		challenge(w)
+	}
+	if ref.RetryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(ref.RetryAfter))
+	}
+	http.Error(w, ref.Message, ref.Status)
+	h.observe(endpoint, ref.Reason)
 }
 
 func (h *Handler) respond(w http.ResponseWriter, r *http.Request, endpoint string, res *enroll.Result, err error) {
 	if ref, ok := enroll.AsRefusal(err); ok {
-		if ref.Status == http.StatusUnauthorized {
-			challenge(w)
-		}
-		http.Error(w, ref.Message, ref.Status)
-		h.observe(endpoint, ref.Reason)
+		h.writeRefusal(w, endpoint, ref) // Enroll and Reenroll audit their own
 		return
 	}
 	if err != nil {
@@ -213,56 +235,52 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, endpoint strin
 	}
 }
 
-// readCSR checks the content type and size and decodes the base64 body
-// (line breaks and surrounding space allowed; RFC 8951, 3).
-func (h *Handler) readCSR(w http.ResponseWriter, r *http.Request, endpoint string) ([]byte, bool) {
+// readCSR checks the content type and size and decodes the body.
+func readCSR(w http.ResponseWriter, r *http.Request) ([]byte, *enroll.Refusal) {
 	mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	if err != nil || mt != ContentTypePKCS10 {
-		http.Error(w, fmt.Sprintf("Content-Type must be %s (a base64 DER PKCS#10 request)", ContentTypePKCS10), http.StatusUnsupportedMediaType)
-		h.observe(endpoint, "bad-content-type")
-		return nil, false
+		return nil, enroll.NewRefusal(http.StatusUnsupportedMediaType, "bad-content-type",
+			"Content-Type must be %s (a base64 DER PKCS#10 request)", ContentTypePKCS10)
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, MaxBody))
 	var tooBig *http.MaxBytesError
 	if errors.As(err, &tooBig) {
-		http.Error(w, fmt.Sprintf("request body is larger than %d bytes", MaxBody), http.StatusRequestEntityTooLarge)
-		h.observe(endpoint, "too-large")
-		return nil, false
+		return nil, enroll.NewRefusal(http.StatusRequestEntityTooLarge, "too-large", "request body is larger than %d bytes", MaxBody)
 	}
 	if err != nil {
-		http.Error(w, "reading request body: "+err.Error(), http.StatusBadRequest)
-		h.observe(endpoint, "bad-body")
-		return nil, false
+		return nil, enroll.NewRefusal(http.StatusBadRequest, "bad-body", "reading the request body: %v", err)
 	}
-	der, err := decodeBase64(body)
-	if err != nil || len(der) == 0 {
-		http.Error(w, "the body must be a base64-encoded DER PKCS#10 request (RFC 7030, 4.2.1)", http.StatusBadRequest)
-		h.observe(endpoint, "bad-base64")
-		return nil, false
-	}
-	if len(der) > authority.MaxCSRBytes {
-		http.Error(w, fmt.Sprintf("CSR is %d bytes; the limit is %d", len(der), authority.MaxCSRBytes), http.StatusRequestEntityTooLarge)
-		h.observe(endpoint, "too-large")
-		return nil, false
-	}
-	return der, true
+	return ParseBody(body)
 }
 
-func (h *Handler) allow(w http.ResponseWriter, l Limiter, key string) bool {
+// ParseBody decodes an EST request body: base64 (RFC 7030, 4.2.1; RFC
+// 8951, 3 allows line breaks) of a DER PKCS#10 no larger than
+// authority.MaxCSRBytes. The CSR itself is then checked by the policy.
+func ParseBody(body []byte) ([]byte, *enroll.Refusal) {
+	der, err := decodeBase64(body)
+	if err != nil || len(der) == 0 {
+		return nil, enroll.NewRefusal(http.StatusBadRequest, "bad-base64", "the body must be a base64-encoded DER PKCS#10 request (RFC 7030, 4.2.1)")
+	}
+	if len(der) > authority.MaxCSRBytes {
+		return nil, enroll.NewRefusal(http.StatusRequestEntityTooLarge, "too-large", "CSR is %d bytes; the limit is %d", len(der), authority.MaxCSRBytes)
+	}
+	return der, nil
+}
+
+// limit asks l about key and returns a 429 refusal with the wait when it
+// says no.
+func (h *Handler) limit(l Limiter, key string) *enroll.Refusal {
 	if l == nil {
-		return true
+		return nil
 	}
 	ok, wait := l.Allow(key)
 	if ok {
-		return true
+		return nil
 	}
-	secs := int(wait.Round(time.Second) / time.Second)
-	if secs < 1 {
-		secs = 1
-	}
-	w.Header().Set("Retry-After", strconv.Itoa(secs))
-	http.Error(w, fmt.Sprintf("too many requests; retry in %d s", secs), http.StatusTooManyRequests)
-	return false
+	secs := max(1, int(wait.Round(time.Second)/time.Second))
+	ref := enroll.NewRefusal(http.StatusTooManyRequests, "rate-limited", "too many requests; retry in %d s", secs)
+	ref.RetryAfter = secs
+	return ref
 }
 
 // PeerOf verifies the request's TLS client certificate against the bundle

@@ -11,12 +11,15 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -308,10 +311,21 @@ func TestEnrollRefusals(t *testing.T) {
 	c := e.client(nil, nil)
 	csr := csrFor(t, newKey(t), "dev-2")
 	bearer := func(tok string) map[string]string { return map[string]string{"Authorization": "Bearer " + tok} }
-	caCSR := func() []byte {
-		der, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev-3"}, DNSNames: []string{"evil.example"}}, newKey(t))
+	csrWith := func(tmpl *x509.CertificateRequest, tamper bool) []byte {
+		der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, newKey(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tamper {
+			der[len(der)-3] ^= 0xff
+		}
 		return []byte(base64.StdEncoding.EncodeToString(der))
-	}()
+	}
+	caCSR := csrWith(&x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev-3"}, DNSNames: []string{"evil.example"}}, false)
+	bcTrue, _ := asn1.Marshal(struct{ IsCA bool }{true})
+	caTrue := csrWith(&x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev-4"}, ExtraExtensions: []pkix.Extension{{Id: asn1.ObjectIdentifier{2, 5, 29, 19}, Value: bcTrue}}}, false)
+	badSig := csrWith(&x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev-5"}}, true)
+	unknown := "fkt_zzzzzzzzzzzz_" + good[len(good)-43:]
 	cases := []struct {
 		name   string
 		body   []byte
@@ -327,8 +341,12 @@ func TestEnrollRefusals(t *testing.T) {
 		{"fail/disabled", csr, bearer(disabled), 401, "disabled"},
 		{"fail/require-tpm", csr, bearer(tpm), 403, "requires TPM attestation"},
 		{"fail/prefix", csrFor(t, newKey(t), "other-1"), bearer(e.token(TokenRequest{Prefix: "dev-"}, time.Hour)), 403, `does not start with this token's prefix "dev-"`},
-		{"fail/bad-csr", caCSR, bearer(open), 400, "CSR refused: it requests subject alternative names DNS:evil.example"},
-		{"fail/bad-id", csrFor(t, newKey(t), "a+b"), bearer(open), 400, "MQTT topic separator"},
+		{"fail/unknown-token", csr, bearer(unknown), 401, "not valid"},
+		{"fail/extra-san", caCSR, bearer(open), 400, "CSR refused: it requests subject alternative names DNS:evil.example"},
+		{"fail/ca-true", caTrue, bearer(open), 400, "CSR refused: it requests CA:true"},
+		{"fail/bad-signature", badSig, bearer(open), 400, "CSR refused: signature does not verify"},
+		{"fail/id-plus", csrFor(t, newKey(t), "a+b"), bearer(open), 400, "MQTT topic separator"},
+		{"fail/id-slash", csrFor(t, newKey(t), "a/b"), bearer(open), 400, "MQTT topic separator"},
 		{"fail/not-base64", []byte("!!!"), bearer(open), 400, "base64"},
 		{"fail/not-a-csr", []byte(base64.StdEncoding.EncodeToString([]byte("hello"))), bearer(open), 400, "cannot parse the PKCS#10"},
 		{"fail/content-type", csr, map[string]string{"Authorization": "Bearer " + open, "Content-Type": "application/json"}, 415, "Content-Type must be application/pkcs10"},
@@ -336,29 +354,34 @@ func TestEnrollRefusals(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			before, _ := e.store.ListDevices(context.Background(), registry.ListOptions{})
+			ctx := context.Background()
+			before, _ := e.store.ListDevices(ctx, registry.ListOptions{})
+			audited, _ := e.store.ListAudit(ctx, registry.AuditQuery{Limit: 1000})
 			r := e.post(c, "/.well-known/est/simpleenroll", tc.body, tc.hdr)
 			if r.status != tc.status || !strings.Contains(string(r.body), tc.detail) {
 				t.Fatalf("got %d %q; want %d containing %q", r.status, r.body, tc.status, tc.detail)
 			}
-			after, _ := e.store.ListDevices(context.Background(), registry.ListOptions{})
+			if r.status == 401 && len(r.header.Values("WWW-Authenticate")) == 0 {
+				t.Fatal("401 without WWW-Authenticate")
+			}
+			after, _ := e.store.ListDevices(ctx, registry.ListOptions{})
 			if len(after) != len(before) {
 				t.Fatal("a refused enrollment added a device")
 			}
+			// The refusal is in the audit log, with its reason.
+			evs, _ := e.store.ListAudit(ctx, registry.AuditQuery{AfterSeq: lastSeq(audited), Limit: 1000})
+			if len(evs) != 1 || evs[0].Outcome != registry.Refused || !strings.Contains(evs[0].Reason, tc.detail) {
+				t.Fatalf("audit after the refusal: %+v", evs)
+			}
 		})
 	}
-	// Every refusal is in the audit log, with its reason.
-	evs, _ := e.store.ListAudit(context.Background(), registry.AuditQuery{Limit: 1000})
-	refused := 0
-	for _, ev := range evs {
-		if ev.Outcome == registry.Refused {
-			refused++
-		}
+}
+
+func lastSeq(evs []registry.AuditEvent) int64 {
+	if len(evs) == 0 {
+		return 0
 	}
-	// no-token, not-base64, not-a-csr? (CSR refusals are audited), content-type and too-large never reach the decision.
-	if refused < 9 {
-		t.Fatalf("only %d refusals audited", refused)
-	}
+	return evs[len(evs)-1].Seq
 }
 
 func TestRateLimit(t *testing.T) {
@@ -374,19 +397,19 @@ func TestRateLimit(t *testing.T) {
 	}
 }
 
-// TestNoDoubleSpend: concurrent enrollments against one token with five
-// uses: exactly five certificates.
+// TestNoDoubleSpend: 200 concurrent enrollments against one token with 100
+// uses: exactly 100 certificates, and the registry agrees.
 func TestNoDoubleSpend(t *testing.T) {
 	t.Parallel()
 	e := startEnv(t, nil)
-	tok := e.token(TokenRequest{MaxUses: 5}, time.Hour)
+	tok := e.token(TokenRequest{MaxUses: 100}, time.Hour)
 	var wg sync.WaitGroup
-	codes := make(chan int, 20)
-	for i := 0; i < 20; i++ {
+	codes := make(chan int, 200)
+	for i := 0; i < 200; i++ {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			body := csrFor(t, newKey(t), fmt.Sprintf("race-%02d", i))
+			body := csrFor(t, newKey(t), fmt.Sprintf("race-%03d", i))
 			req, _ := http.NewRequest("POST", e.url+"/.well-known/est/simpleenroll", bytes.NewReader(body))
 			req.Header.Set("Content-Type", "application/pkcs10")
 			req.Header.Set("Authorization", "Bearer "+tok)
@@ -411,9 +434,11 @@ func TestNoDoubleSpend(t *testing.T) {
 			t.Errorf("unexpected status %d", c)
 		}
 	}
-	devs, _ := e.store.ListDevices(context.Background(), registry.ListOptions{})
-	if ok != 5 || len(devs) != 5 {
-		t.Fatalf("%d enrollments succeeded, %d devices; want 5", ok, len(devs))
+	devs, _ := e.store.ListDevices(context.Background(), registry.ListOptions{Limit: 1000})
+	id, _, _ := strings.Cut(strings.TrimPrefix(tok, "fkt_"), "_")
+	tk, _ := e.store.GetToken(context.Background(), id)
+	if ok != 100 || len(devs) != 100 || tk.Uses != 100 {
+		t.Fatalf("%d enrollments succeeded, %d devices, %d uses; want 100 each", ok, len(devs), tk.Uses)
 	}
 }
 
@@ -588,5 +613,98 @@ func TestAdminAPI(t *testing.T) {
 	}
 	if r := e.get(e.fileClient("service"), "/revocations/v1/stream"); r.status != 403 {
 		t.Fatalf("feed with a service certificate: %d", r.status)
+	}
+}
+
+// TestSlowClients: a client that never finishes its request, or never
+// finishes the TLS handshake, is closed by the deadline.
+//
+// Not parallel: with deadlines this short, a busy machine could time out
+// the handshakes of well-behaved clients too.
+func TestSlowClients(t *testing.T) {
+	e := startEnv(t, func(c *Config) {
+		c.Limits.ReadHeaderTimeout, c.Limits.ReadTimeout = 500*time.Millisecond, 800*time.Millisecond
+	})
+	addr := strings.TrimPrefix(e.url, "https://")
+	closedWithin := func(t *testing.T, conn net.Conn, limit time.Duration) {
+		t.Helper()
+		_ = conn.SetReadDeadline(time.Now().Add(limit))
+		_, err := io.Copy(io.Discard, conn)
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			t.Fatalf("the server kept the connection open for %s", limit)
+		}
+	}
+	t.Run("fail/silent-tcp", func(t *testing.T) {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		closedWithin(t, conn, 5*time.Second)
+	})
+	t.Run("fail/unfinished-headers", func(t *testing.T) {
+		conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: e.roots, ServerName: "localhost"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if _, err := conn.Write([]byte("POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: x\r\n")); err != nil {
+			t.Fatal(err)
+		}
+		closedWithin(t, conn, 5*time.Second)
+	})
+	t.Run("fail/unfinished-body", func(t *testing.T) {
+		conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: e.roots, ServerName: "localhost"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		tok := e.token(TokenRequest{}, time.Hour)
+		fmt.Fprintf(conn, "POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/pkcs10\r\nContent-Length: 1000\r\n\r\nMIIB", tok)
+		_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b, _ := io.ReadAll(conn)
+		if !strings.Contains(string(b), "400") && len(b) != 0 {
+			t.Fatalf("unexpected answer to an unfinished body: %q", b)
+		}
+	})
+	// The refusal of the unfinished body is audited like any other.
+	evs, _ := e.store.ListAudit(context.Background(), registry.AuditQuery{Limit: 100})
+	found := false
+	for _, ev := range evs {
+		found = found || strings.Contains(ev.Reason, "reading the request body")
+	}
+	if !found {
+		t.Fatalf("the timed-out request is not in the audit log: %+v", evs)
+	}
+	devs, _ := e.store.ListDevices(context.Background(), registry.ListOptions{})
+	if len(devs) != 0 {
+		t.Fatal("a slow client got a certificate")
+	}
+}
+
+func TestHealthAndMetrics(t *testing.T) {
+	t.Parallel()
+	e := startEnv(t, nil)
+	tok := e.token(TokenRequest{}, time.Hour)
+	certsOf(t, e.enroll(tok, newKey(t), "m-1"))
+	e.enroll("fkt_garbage", newKey(t), "m-2")
+	rec := httptest.NewRecorder()
+	e.srv.metricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	body := rec.Body.String()
+	for _, want := range []string{
+		`fleetkey_provisioning_est_requests_total{endpoint="simpleenroll",outcome="issued"} 1`,
+		`fleetkey_provisioning_est_requests_total{endpoint="simpleenroll",outcome="bad-token"} 1`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	for _, path := range []string{"/healthz", "/readyz"} {
+		rec := httptest.NewRecorder()
+		e.srv.metricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
+		if rec.Code != 200 {
+			t.Errorf("%s = %d", path, rec.Code)
+		}
 	}
 }
