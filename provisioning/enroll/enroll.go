@@ -288,6 +288,11 @@ func (s *Service) audit(ctx context.Context, ev registry.AuditEvent) {
 	if ev.At.IsZero() {
 		ev.At = s.now()
 	}
+	// A refusal is often caused by the request ending (a read deadline, a
+	// client that hung up), which cancels ctx; the decision must still be
+	// recorded, under a deadline of its own.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
 	if err := s.Store.Audit(ctx, ev); err != nil {
 		s.log().Error("writing audit event", "err", err, "action", ev.Action, "subject", ev.Subject)
 	}

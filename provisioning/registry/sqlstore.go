@@ -1,0 +1,766 @@
+package registry
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// sqlStore is the Store over database/sql that SQLite and PostgreSQL
+// share: one schema, one set of statements, one way of scanning rows. What
+// differs is in dialect, and is small: placeholders, two column types, how
+// a time is bound, which errors mean "duplicate" or "retry", and the locks
+// PostgreSQL needs because several processes write to it.
+type sqlStore struct {
+	// r serves reads outside transactions; w runs every write. For SQLite
+	// w holds one connection (one writer) and r is read-only; for
+	// PostgreSQL both are the same pool.
+	r, w *sql.DB
+	d    *dialect
+}
+
+// dialect is everything that differs between the SQL databases.
+type dialect struct {
+	name string
+	// dollar: placeholders are $1, $2, ... instead of ?.
+	dollar bool
+	// types fills the schema's {time}, {bytes} and {seq} column types.
+	types *strings.Replacer
+	// time is how a time is bound as an argument: it must match the
+	// column type {time} becomes, and sort like the time.
+	time func(time.Time) any
+	// forUpdate is appended to the SELECT that reads a device row to be
+	// changed, to lock it until commit ("" where writers are serialised).
+	forUpdate string
+	// lockMigration and lockRevocations, when not "", run first in the
+	// transactions that migrate the schema and that assign revocation
+	// sequence numbers, serialising them across processes.
+	lockMigration, lockRevocations string
+	// isUnique reports a unique-constraint violation; isRetryable a
+	// transaction the database aborted to resolve a race (deadlock,
+	// serialisation failure).
+	isUnique, isRetryable func(error) bool
+
+	rebound sync.Map // statement with ? -> statement with $n
+}
+
+// q returns stmt with the dialect's placeholders. Statements here never
+// hold a '?' inside a string literal.
+func (d *dialect) q(stmt string) string {
+	if !d.dollar {
+		return stmt
+	}
+	if v, ok := d.rebound.Load(stmt); ok {
+		return v.(string)
+	}
+	var b strings.Builder
+	n := 0
+	for _, r := range stmt {
+		if r == '?' {
+			n++
+			b.WriteString("$" + strconv.Itoa(n))
+			continue
+		}
+		b.WriteRune(r)
+	}
+	d.rebound.Store(stmt, b.String())
+	return b.String()
+}
+
+// migrations are the schema versions in order: migrations[i] takes the
+// schema from version i to i+1. Statements are separated by ';'. Column
+// types in braces are the dialect's. Times are UTC: microseconds since the
+// Unix epoch in SQLite (INTEGER), TIMESTAMPTZ in PostgreSQL.
+var migrations = []string{
+	// 1: the first schema.
+	`
+CREATE TABLE tokens (
+	id                TEXT PRIMARY KEY,
+	hash              {bytes} NOT NULL,
+	prefix            TEXT NOT NULL,
+	max_uses          INTEGER NOT NULL,
+	uses              INTEGER NOT NULL CHECK (uses >= 0),
+	expires_at        {time} NOT NULL,
+	require_tpm       BOOLEAN NOT NULL,
+	allow_reprovision BOOLEAN NOT NULL,
+	disabled          BOOLEAN NOT NULL,
+	labels            TEXT NOT NULL,
+	created_at        {time} NOT NULL,
+	created_by        TEXT NOT NULL
+);
+CREATE INDEX tokens_created ON tokens (created_at, id);
+
+CREATE TABLE devices (
+	id          TEXT PRIMARY KEY,
+	status      TEXT NOT NULL,
+	serial      TEXT NOT NULL,
+	fingerprint TEXT NOT NULL,
+	not_after   {time} NOT NULL,
+	tpm_bound   BOOLEAN NOT NULL,
+	ek_hash     {bytes},
+	labels      TEXT NOT NULL,
+	created_at  {time} NOT NULL,
+	updated_at  {time} NOT NULL
+);
+CREATE INDEX devices_status ON devices (status, id);
+
+CREATE TABLE certificates (
+	serial            TEXT PRIMARY KEY,
+	device_id         TEXT NOT NULL REFERENCES devices (id),
+	fingerprint       TEXT NOT NULL,
+	public_key_hash   TEXT NOT NULL,
+	request_hash      TEXT NOT NULL,
+	token_id          TEXT NOT NULL,
+	issuer            TEXT NOT NULL,
+	not_before        {time} NOT NULL,
+	not_after         {time} NOT NULL,
+	der               {bytes} NOT NULL,
+	tpm_bound         BOOLEAN NOT NULL,
+	created_at        {time} NOT NULL,
+	revoked_at        {time},
+	revocation_reason INTEGER NOT NULL DEFAULT 0,
+	revocation_seq    BIGINT UNIQUE,
+	CHECK ((revoked_at IS NULL) = (revocation_seq IS NULL))
+);
+CREATE INDEX certificates_device ON certificates (device_id, created_at);
+CREATE INDEX certificates_issued ON certificates (token_id, device_id, request_hash);
+CREATE INDEX certificates_crl ON certificates (not_after) WHERE revoked_at IS NOT NULL;
+
+CREATE TABLE audit (
+	seq         {seq},
+	at          {time} NOT NULL,
+	actor       TEXT NOT NULL,
+	action      TEXT NOT NULL,
+	subject     TEXT NOT NULL,
+	outcome     TEXT NOT NULL,
+	reason      TEXT NOT NULL,
+	remote_addr TEXT NOT NULL,
+	serial      TEXT NOT NULL
+);
+CREATE INDEX audit_subject ON audit (subject, seq)
+`,
+}
+
+// migrate brings the schema to the newest version, in one transaction that
+// holds the dialect's migration lock (SQLite: the write lock BEGIN
+// IMMEDIATE takes), so two processes opening a new database at once create
+// it once. Opening an up-to-date database changes nothing.
+func (s *sqlStore) migrate(ctx context.Context) error {
+	return s.inTx(ctx, func(tx *sql.Tx) error {
+		if s.d.lockMigration != "" {
+			if _, err := tx.ExecContext(ctx, s.d.lockMigration); err != nil {
+				return fmt.Errorf("locking the schema: %w", err)
+			}
+		}
+		if _, err := tx.ExecContext(ctx, s.d.types.Replace(
+			`CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at {time} NOT NULL)`)); err != nil {
+			return fmt.Errorf("creating schema_version: %w", err)
+		}
+		var v int
+		if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&v); err != nil {
+			return fmt.Errorf("reading the schema version: %w", err)
+		}
+		if v > len(migrations) {
+			return fmt.Errorf("the registry has schema version %d, newer than this program's %d; upgrade it", v, len(migrations))
+		}
+		for ; v < len(migrations); v++ {
+			for _, stmt := range strings.Split(s.d.types.Replace(migrations[v]), ";") {
+				if strings.TrimSpace(stmt) == "" {
+					continue
+				}
+				if _, err := tx.ExecContext(ctx, stmt); err != nil {
+					return fmt.Errorf("migrating the schema to version %d: %w", v+1, err)
+				}
+			}
+			if _, err := tx.ExecContext(ctx, s.d.q(`INSERT INTO schema_version (version, applied_at) VALUES (?, ?)`),
+				v+1, s.d.time(time.Now())); err != nil {
+				return fmt.Errorf("recording schema version %d: %w", v+1, err)
+			}
+		}
+		return nil
+	})
+}
+
+// inTx runs fn in a write transaction and commits it. A transaction the
+// database aborted to settle a race comes back as ErrConflict.
+func (s *sqlStore) inTx(ctx context.Context, fn func(tx *sql.Tx) error) error {
+	err := func() error {
+		tx, err := s.w.BeginTx(ctx, nil)
+		if err != nil {
+			return fmt.Errorf("beginning transaction: %w", err)
+		}
+		defer tx.Rollback() //nolint:errcheck // a no-op after Commit
+		if err := fn(tx); err != nil {
+			return err
+		}
+		if err := tx.Commit(); err != nil {
+			return fmt.Errorf("committing: %w", err)
+		}
+		return nil
+	}()
+	if err != nil && !errors.Is(err, ErrConflict) && s.d.isRetryable(err) {
+		return fmt.Errorf("%w: %w", ErrConflict, err)
+	}
+	return err
+}
+
+// queryer is what *sql.DB and *sql.Tx share.
+type queryer interface {
+	ExecContext(ctx context.Context, q string, args ...any) (sql.Result, error)
+	QueryContext(ctx context.Context, q string, args ...any) (*sql.Rows, error)
+	QueryRowContext(ctx context.Context, q string, args ...any) *sql.Row
+}
+
+type scanner interface{ Scan(dest ...any) error }
+
+// dbTime scans a time column of either dialect into a UTC time.Time; NULL
+// is the zero time.
+type dbTime time.Time
+
+func (t *dbTime) Scan(v any) error {
+	switch v := v.(type) {
+	case nil:
+		*t = dbTime{}
+	case int64: // SQLite: microseconds since the epoch
+		*t = dbTime(time.UnixMicro(v).UTC())
+	case time.Time: // PostgreSQL
+		*t = dbTime(v.UTC())
+	default:
+		return fmt.Errorf("scanning a time from %T", v)
+	}
+	return nil
+}
+
+// labelsText is the JSON a label map is stored as.
+func labelsText(m map[string]string) (string, error) {
+	if len(m) == 0 {
+		return "{}", nil
+	}
+	b, err := json.Marshal(m)
+	return string(b), err
+}
+
+func parseLabels(s string) (map[string]string, error) {
+	var m map[string]string
+	if err := json.Unmarshal([]byte(s), &m); err != nil {
+		return nil, fmt.Errorf("decoding stored labels: %w", err)
+	}
+	return normLabels(m), nil
+}
+
+// blob binds b for a NOT NULL column; nullBlob binds NULL when b is empty.
+func blob(b []byte) []byte {
+	if b == nil {
+		return []byte{}
+	}
+	return b
+}
+
+func nullBlob(b []byte) any {
+	if len(b) == 0 {
+		return nil
+	}
+	return b
+}
+
+// readRows scans every row with scan, failing if there are more than max
+// (0: no cap).
+func readRows[T any](rows *sql.Rows, max int, scan func(scanner) (T, error)) ([]T, error) {
+	defer rows.Close()
+	var out []T
+	for rows.Next() {
+		if max > 0 && len(out) == max {
+			return nil, fmt.Errorf("more than %d: %w", max, errTooMany)
+		}
+		v, err := scan(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}
+
+// Tokens.
+
+const tokenCols = `id, hash, prefix, max_uses, uses, expires_at, require_tpm, allow_reprovision, disabled, labels, created_at, created_by`
+
+func scanToken(sc scanner) (Token, error) {
+	var t Token
+	var labels string
+	if err := sc.Scan(&t.ID, &t.Hash, &t.Prefix, &t.MaxUses, &t.Uses, (*dbTime)(&t.ExpiresAt), &t.RequireTPM,
+		&t.AllowReprovision, &t.Disabled, &labels, (*dbTime)(&t.CreatedAt), &t.CreatedBy); err != nil {
+		return Token{}, err
+	}
+	var err error
+	t.Labels, err = parseLabels(labels)
+	t.Hash = normBytes(t.Hash)
+	return t, err
+}
+
+func (s *sqlStore) CreateToken(ctx context.Context, t Token) error {
+	if err := checkToken(t); err != nil {
+		return err
+	}
+	t = normToken(t)
+	labels, err := labelsText(t.Labels)
+	if err != nil {
+		return fmt.Errorf("creating token %q: %w", t.ID, err)
+	}
+	_, err = s.w.ExecContext(ctx, s.d.q(`INSERT INTO tokens (`+tokenCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
+		t.ID, blob(t.Hash), t.Prefix, t.MaxUses, t.Uses, s.d.time(t.ExpiresAt), t.RequireTPM, t.AllowReprovision, t.Disabled,
+		labels, s.d.time(t.CreatedAt), t.CreatedBy)
+	switch {
+	case s.d.isUnique(err):
+		return tokenErr(t.ID, ErrExists)
+	case err != nil:
+		return fmt.Errorf("creating token %q: %w", t.ID, err)
+	}
+	return nil
+}
+
+func (s *sqlStore) getToken(ctx context.Context, q queryer, id string) (Token, error) {
+	t, err := scanToken(q.QueryRowContext(ctx, s.d.q(`SELECT `+tokenCols+` FROM tokens WHERE id = ?`), id))
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		return Token{}, tokenErr(id, ErrNotFound)
+	case err != nil:
+		return Token{}, fmt.Errorf("reading token %q: %w", id, err)
+	}
+	return t, nil
+}
+
+func (s *sqlStore) GetToken(ctx context.Context, id string) (Token, error) {
+	return s.getToken(ctx, s.r, id)
+}
+
+func (s *sqlStore) ListTokens(ctx context.Context) ([]Token, error) {
+	rows, err := s.r.QueryContext(ctx, s.d.q(`SELECT `+tokenCols+` FROM tokens ORDER BY created_at, id LIMIT ?`), maxTokens+1)
+	if err != nil {
+		return nil, fmt.Errorf("listing tokens: %w", err)
+	}
+	out, err := readRows(rows, maxTokens, scanToken)
+	if err != nil {
+		return nil, fmt.Errorf("listing tokens: %w", err)
+	}
+	return out, nil
+}
+
+func (s *sqlStore) DisableToken(ctx context.Context, id string, audit AuditEvent) error {
+	return s.inTx(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, s.d.q(`UPDATE tokens SET disabled = ? WHERE id = ?`), true, id)
+		if err != nil {
+			return fmt.Errorf("disabling token %q: %w", id, err)
+		}
+		if n, err := res.RowsAffected(); err != nil || n == 0 {
+			return tokenErr(id, cmpErr(err, ErrNotFound))
+		}
+		return s.appendAudit(ctx, tx, audit)
+	})
+}
+
+// cmpErr returns err if it is not nil, else fallback.
+func cmpErr(err, fallback error) error {
+	if err != nil {
+		return err
+	}
+	return fallback
+}
+
+// Devices.
+
+const deviceCols = `id, status, serial, fingerprint, not_after, tpm_bound, ek_hash, labels, created_at, updated_at`
+
+func scanDevice(sc scanner) (Device, error) {
+	var d Device
+	var labels string
+	if err := sc.Scan(&d.ID, &d.Status, &d.Serial, &d.Fingerprint, (*dbTime)(&d.NotAfter), &d.TPMBound, &d.EKHash, &labels,
+		(*dbTime)(&d.CreatedAt), (*dbTime)(&d.UpdatedAt)); err != nil {
+		return Device{}, err
+	}
+	var err error
+	d.Labels, err = parseLabels(labels)
+	d.EKHash = normBytes(d.EKHash)
+	return d, err
+}
+
+func (s *sqlStore) GetDevice(ctx context.Context, id string) (Device, error) {
+	d, err := scanDevice(s.r.QueryRowContext(ctx, s.d.q(`SELECT `+deviceCols+` FROM devices WHERE id = ?`), id))
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		return Device{}, deviceErr(id, ErrNotFound)
+	case err != nil:
+		return Device{}, fmt.Errorf("reading device %q: %w", id, err)
+	}
+	return d, nil
+}
+
+func (s *sqlStore) ListDevices(ctx context.Context, opts ListOptions) ([]Device, error) {
+	stmt, args := `SELECT `+deviceCols+` FROM devices WHERE id > ?`, []any{opts.After}
+	if opts.Status != "" {
+		stmt += ` AND status = ?`
+		args = append(args, string(opts.Status))
+	}
+	rows, err := s.r.QueryContext(ctx, s.d.q(stmt+` ORDER BY id LIMIT ?`), append(args, clampLimit(opts.Limit))...)
+	if err != nil {
+		return nil, fmt.Errorf("listing devices: %w", err)
+	}
+	out, err := readRows(rows, 0, scanDevice)
+	if err != nil {
+		return nil, fmt.Errorf("listing devices: %w", err)
+	}
+	return out, nil
+}
+
+// Certificates.
+
+const certCols = `serial, device_id, fingerprint, public_key_hash, request_hash, token_id, issuer, not_before, not_after, der, ` +
+	`tpm_bound, created_at, revoked_at, revocation_reason, revocation_seq`
+
+func scanCert(sc scanner) (Certificate, error) {
+	var c Certificate
+	var seq sql.NullInt64
+	if err := sc.Scan(&c.Serial, &c.DeviceID, &c.Fingerprint, &c.PublicKeyHash, &c.RequestHash, &c.TokenID, &c.Issuer,
+		(*dbTime)(&c.NotBefore), (*dbTime)(&c.NotAfter), &c.DER, &c.TPMBound, (*dbTime)(&c.CreatedAt), (*dbTime)(&c.RevokedAt),
+		&c.RevocationReason, &seq); err != nil {
+		return Certificate{}, err
+	}
+	c.RevocationSeq = seq.Int64
+	c.DER = normBytes(c.DER)
+	return c, nil
+}
+
+// certs returns the certificates "SELECT ... FROM certificates <rest>"
+// finds, failing if there are more than max (0: no cap).
+func (s *sqlStore) certs(ctx context.Context, q queryer, max int, rest string, args ...any) ([]Certificate, error) {
+	rows, err := q.QueryContext(ctx, s.d.q(`SELECT `+certCols+` FROM certificates `+rest), args...)
+	if err != nil {
+		return nil, err
+	}
+	return readRows(rows, max, scanCert)
+}
+
+func (s *sqlStore) getCert(ctx context.Context, q queryer, serial string) (Certificate, error) {
+	c, err := scanCert(q.QueryRowContext(ctx, s.d.q(`SELECT `+certCols+` FROM certificates WHERE serial = ?`), serial))
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		return Certificate{}, certErr(serial, ErrNotFound)
+	case err != nil:
+		return Certificate{}, fmt.Errorf("reading certificate %q: %w", serial, err)
+	}
+	return c, nil
+}
+
+func (s *sqlStore) GetCertificate(ctx context.Context, serial string) (Certificate, error) {
+	return s.getCert(ctx, s.r, serial)
+}
+
+func (s *sqlStore) ListCertificates(ctx context.Context, deviceID string) ([]Certificate, error) {
+	out, err := s.certs(ctx, s.r, maxDeviceCerts, `WHERE device_id = ? ORDER BY created_at, serial LIMIT ?`, deviceID, maxDeviceCerts+1)
+	if err != nil {
+		return nil, fmt.Errorf("listing certificates of %q: %w", deviceID, err)
+	}
+	return out, nil
+}
+
+func (s *sqlStore) FindIssued(ctx context.Context, tokenID, deviceID, requestHash string) (Certificate, error) {
+	out, err := s.certs(ctx, s.r, 0, `WHERE token_id = ? AND device_id = ? AND request_hash = ? ORDER BY created_at DESC, serial DESC LIMIT 1`,
+		tokenID, deviceID, requestHash)
+	switch {
+	case err != nil:
+		return Certificate{}, fmt.Errorf("finding issued certificate of %q: %w", deviceID, err)
+	case len(out) == 0:
+		return Certificate{}, fmt.Errorf("issued certificate of %q: %w", deviceID, ErrNotFound)
+	}
+	return out[0], nil
+}
+
+// RecordIssue, in one transaction: spend the token use, compare-and-set
+// the device row, revoke the previous certificate if asked, insert the
+// certificate, append the audit event. Any failure rolls everything back.
+func (s *sqlStore) RecordIssue(ctx context.Context, rec IssueRecord) error {
+	if err := checkIssue(rec); err != nil {
+		return err
+	}
+	c, d := newCert(rec.Cert), normDevice(rec.Device)
+	at := c.CreatedAt
+	labels, err := labelsText(d.Labels)
+	if err != nil {
+		return issueErr(c.Serial, err)
+	}
+	err = s.inTx(ctx, func(tx *sql.Tx) error {
+		if rec.TokenID != "" {
+			if err := s.spendToken(ctx, tx, rec.TokenID, at); err != nil {
+				return err
+			}
+		}
+		if err := s.setDevice(ctx, tx, d, labels, rec.ExpectSerial); err != nil {
+			return err
+		}
+		if rec.RevokePrevious && rec.ExpectSerial != "" {
+			if _, err := s.revoke(ctx, tx, `serial = ? AND device_id = ?`, []any{rec.ExpectSerial, d.ID}, reasonSuperseded, at); err != nil {
+				return err
+			}
+		}
+		_, err := tx.ExecContext(ctx, s.d.q(`INSERT INTO certificates (serial, device_id, fingerprint, public_key_hash, request_hash, `+
+			`token_id, issuer, not_before, not_after, der, tpm_bound, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
+			c.Serial, c.DeviceID, c.Fingerprint, c.PublicKeyHash, c.RequestHash, c.TokenID, c.Issuer,
+			s.d.time(c.NotBefore), s.d.time(c.NotAfter), blob(c.DER), c.TPMBound, s.d.time(c.CreatedAt))
+		switch {
+		case s.d.isUnique(err):
+			return ErrExists
+		case err != nil:
+			return fmt.Errorf("inserting: %w", err)
+		}
+		return s.appendAudit(ctx, tx, rec.Audit)
+	})
+	if err != nil {
+		return issueErr(c.Serial, err)
+	}
+	return nil
+}
+
+// spendToken takes one use of the token, atomically: the UPDATE's WHERE is
+// the whole rule, so two writers can never both take the last use. When it
+// matches nothing, the token row says why.
+func (s *sqlStore) spendToken(ctx context.Context, tx *sql.Tx, id string, at time.Time) error {
+	res, err := tx.ExecContext(ctx, s.d.q(`UPDATE tokens SET uses = uses + 1 `+
+		`WHERE id = ? AND uses < max_uses AND NOT disabled AND expires_at > ?`), id, s.d.time(at))
+	if err != nil {
+		return fmt.Errorf("spending a use of token %q: %w", id, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return fmt.Errorf("spending a use of token %q: %w", id, err)
+	}
+	if n == 1 {
+		return nil
+	}
+	t, err := s.getToken(ctx, tx, id)
+	if err != nil {
+		return err
+	}
+	if err := tokenRefusal(t, at); err != nil {
+		return err
+	}
+	// Cannot happen: the row refused the update but passes every rule.
+	return tokenErr(id, fmt.Errorf("use refused: %w", ErrConflict))
+}
+
+// setDevice writes the device's new state if its row is still what the
+// caller saw: absent when expect is "", else active with serial expect.
+// Both branches are compare-and-set in SQL as well (a plain INSERT that a
+// concurrent first enrollment makes fail; an UPDATE conditioned on the old
+// serial), so they hold even without the row lock.
+func (s *sqlStore) setDevice(ctx context.Context, tx *sql.Tx, d Device, labels, expect string) error {
+	var status, serial string
+	err := tx.QueryRowContext(ctx, s.d.q(`SELECT status, serial FROM devices WHERE id = ?`+s.d.forUpdate), d.ID).Scan(&status, &serial)
+	exists := err == nil
+	switch {
+	case err != nil && !errors.Is(err, sql.ErrNoRows):
+		return fmt.Errorf("reading device %q: %w", d.ID, err)
+	case !exists && expect != "":
+		return deviceErr(d.ID, fmt.Errorf("expected serial %q, device does not exist: %w", expect, ErrConflict))
+	case exists && status != string(DeviceActive):
+		return deviceErr(d.ID, fmt.Errorf("device is %s: %w", status, ErrConflict))
+	case exists && serial != expect:
+		return deviceErr(d.ID, fmt.Errorf("expected serial %q, device has %q: %w", expect, serial, ErrConflict))
+	}
+	if !exists {
+		_, err := tx.ExecContext(ctx, s.d.q(`INSERT INTO devices (`+deviceCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
+			d.ID, string(d.Status), d.Serial, d.Fingerprint, s.d.time(d.NotAfter), d.TPMBound, nullBlob(d.EKHash), labels,
+			s.d.time(d.CreatedAt), s.d.time(d.UpdatedAt))
+		switch {
+		case s.d.isUnique(err):
+			return deviceErr(d.ID, fmt.Errorf("enrolled concurrently: %w", ErrConflict))
+		case err != nil:
+			return fmt.Errorf("inserting device %q: %w", d.ID, err)
+		}
+		return nil
+	}
+	// created_at is kept.
+	res, err := tx.ExecContext(ctx, s.d.q(`UPDATE devices SET status = ?, serial = ?, fingerprint = ?, not_after = ?, tpm_bound = ?, `+
+		`ek_hash = ?, labels = ?, updated_at = ? WHERE id = ? AND serial = ? AND status = ?`),
+		string(d.Status), d.Serial, d.Fingerprint, s.d.time(d.NotAfter), d.TPMBound, nullBlob(d.EKHash), labels, s.d.time(d.UpdatedAt),
+		d.ID, expect, string(DeviceActive))
+	if err != nil {
+		return fmt.Errorf("updating device %q: %w", d.ID, err)
+	}
+	if n, err := res.RowsAffected(); err != nil || n != 1 {
+		return deviceErr(d.ID, cmpErr(err, fmt.Errorf("changed concurrently: %w", ErrConflict)))
+	}
+	return nil
+}
+
+// revoke revokes the not-yet-revoked certificates "WHERE <where>" selects,
+// oldest first, giving each the next revocation sequence number, and
+// returns them as revoked.
+//
+// The numbers follow commit order: on PostgreSQL the dialect's
+// transaction-scoped lock is taken before the certificates are read and
+// the highest number so far is looked up, and it is held until commit, so
+// the next transaction to number revocations starts only once this one's
+// are visible; on SQLite there is one writer at a time anyway.
+func (s *sqlStore) revoke(ctx context.Context, tx *sql.Tx, where string, args []any, reason int, at time.Time) ([]Certificate, error) {
+	if s.d.lockRevocations != "" {
+		if _, err := tx.ExecContext(ctx, s.d.lockRevocations); err != nil {
+			return nil, fmt.Errorf("locking the revocation sequence: %w", err)
+		}
+	}
+	todo, err := s.certs(ctx, tx, 0, `WHERE `+where+` AND revoked_at IS NULL ORDER BY created_at, serial`, args...)
+	if err != nil || len(todo) == 0 {
+		return nil, err
+	}
+	var seq int64
+	if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(revocation_seq), 0) FROM certificates`).Scan(&seq); err != nil {
+		return nil, fmt.Errorf("reading the revocation sequence: %w", err)
+	}
+	at = normTime(at)
+	for i := range todo {
+		seq++
+		res, err := tx.ExecContext(ctx, s.d.q(`UPDATE certificates SET revoked_at = ?, revocation_reason = ?, revocation_seq = ? `+
+			`WHERE serial = ? AND revoked_at IS NULL`), s.d.time(at), reason, seq, todo[i].Serial)
+		if err != nil {
+			return nil, fmt.Errorf("revoking %q: %w", todo[i].Serial, err)
+		}
+		if n, err := res.RowsAffected(); err != nil || n != 1 {
+			return nil, certErr(todo[i].Serial, cmpErr(err, fmt.Errorf("revoked concurrently: %w", ErrConflict)))
+		}
+		todo[i].RevokedAt, todo[i].RevocationReason, todo[i].RevocationSeq = at, reason, seq
+	}
+	return todo, nil
+}
+
+func (s *sqlStore) RevokeDevice(ctx context.Context, id string, reason int, at time.Time, audit AuditEvent) ([]Certificate, error) {
+	if err := checkRevocationTime(at); err != nil {
+		return nil, revokeDeviceErr(id, err)
+	}
+	var out []Certificate
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		var status string
+		err := tx.QueryRowContext(ctx, s.d.q(`SELECT status FROM devices WHERE id = ?`+s.d.forUpdate), id).Scan(&status)
+		switch {
+		case errors.Is(err, sql.ErrNoRows):
+			return ErrNotFound
+		case err != nil:
+			return fmt.Errorf("reading: %w", err)
+		}
+		if out, err = s.revoke(ctx, tx, `device_id = ?`, []any{id}, reason, at); err != nil {
+			return err
+		}
+		if status == string(DeviceRevoked) && len(out) == 0 {
+			return nil // already done: change nothing
+		}
+		if _, err := tx.ExecContext(ctx, s.d.q(`UPDATE devices SET status = ?, updated_at = ? WHERE id = ?`),
+			string(DeviceRevoked), s.d.time(normTime(at)), id); err != nil {
+			return fmt.Errorf("updating: %w", err)
+		}
+		return s.appendAudit(ctx, tx, audit)
+	})
+	if err != nil {
+		return nil, revokeDeviceErr(id, err)
+	}
+	return out, nil
+}
+
+func (s *sqlStore) RevokeCertificate(ctx context.Context, serial string, reason int, at time.Time, audit AuditEvent) (Certificate, error) {
+	if err := checkRevocationTime(at); err != nil {
+		return Certificate{}, revokeCertErr(serial, err)
+	}
+	var out Certificate
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		revoked, err := s.revoke(ctx, tx, `serial = ?`, []any{serial}, reason, at)
+		if err != nil {
+			return err
+		}
+		if len(revoked) == 0 { // unknown, or already revoked: change nothing
+			out, err = s.getCert(ctx, tx, serial)
+			return err
+		}
+		out = revoked[0]
+		return s.appendAudit(ctx, tx, audit)
+	})
+	if err != nil {
+		return Certificate{}, revokeCertErr(serial, err)
+	}
+	return out, nil
+}
+
+func (s *sqlStore) RevocationsSince(ctx context.Context, seq int64, limit int) ([]Certificate, error) {
+	out, err := s.certs(ctx, s.r, 0, `WHERE revocation_seq > ? ORDER BY revocation_seq LIMIT ?`, seq, clampLimit(limit))
+	if err != nil {
+		return nil, fmt.Errorf("reading revocations after %d: %w", seq, err)
+	}
+	return out, nil
+}
+
+func (s *sqlStore) RevokedUnexpired(ctx context.Context, now time.Time) ([]Certificate, error) {
+	out, err := s.certs(ctx, s.r, maxRevokedUnexpire, `WHERE revoked_at IS NOT NULL AND not_after > ? ORDER BY revocation_seq LIMIT ?`,
+		s.d.time(normTime(now)), maxRevokedUnexpire+1)
+	if err != nil {
+		return nil, fmt.Errorf("listing revoked certificates: %w", err)
+	}
+	return out, nil
+}
+
+// Audit log.
+
+func (s *sqlStore) appendAudit(ctx context.Context, q queryer, e AuditEvent) error {
+	e = normAudit(e)
+	if _, err := q.ExecContext(ctx, s.d.q(`INSERT INTO audit (at, actor, action, subject, outcome, reason, remote_addr, serial) `+
+		`VALUES (?, ?, ?, ?, ?, ?, ?, ?)`), s.d.time(e.At), e.Actor, e.Action, e.Subject, e.Outcome, e.Reason, e.RemoteAddr, e.Serial); err != nil {
+		return fmt.Errorf("appending audit event: %w", err)
+	}
+	return nil
+}
+
+func (s *sqlStore) Audit(ctx context.Context, e AuditEvent) error { return s.appendAudit(ctx, s.w, e) }
+
+func scanAudit(sc scanner) (AuditEvent, error) {
+	var e AuditEvent
+	err := sc.Scan(&e.Seq, (*dbTime)(&e.At), &e.Actor, &e.Action, &e.Subject, &e.Outcome, &e.Reason, &e.RemoteAddr, &e.Serial)
+	return e, err
+}
+
+func (s *sqlStore) ListAudit(ctx context.Context, q AuditQuery) ([]AuditEvent, error) {
+	stmt, args := `SELECT seq, at, actor, action, subject, outcome, reason, remote_addr, serial FROM audit WHERE seq > ?`, []any{q.AfterSeq}
+	if q.Subject != "" {
+		stmt += ` AND subject = ?`
+		args = append(args, q.Subject)
+	}
+	rows, err := s.r.QueryContext(ctx, s.d.q(stmt+` ORDER BY seq LIMIT ?`), append(args, clampLimit(q.Limit))...)
+	if err != nil {
+		return nil, fmt.Errorf("reading the audit log: %w", err)
+	}
+	out, err := readRows(rows, 0, scanAudit)
+	if err != nil {
+		return nil, fmt.Errorf("reading the audit log: %w", err)
+	}
+	return out, nil
+}
+
+func (s *sqlStore) Ping(ctx context.Context) error {
+	if err := s.r.PingContext(ctx); err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	if s.w != s.r {
+		if err := s.w.PingContext(ctx); err != nil {
+			return fmt.Errorf("registry: %w", err)
+		}
+	}
+	return nil
+}
+
+func (s *sqlStore) Close() error {
+	err := s.r.Close()
+	if s.w != s.r {
+		err = errors.Join(err, s.w.Close())
+	}
+	return err
+}
