@@ -21,6 +21,7 @@ package keyfile
 import (
 	"crypto"
 	"crypto/x509"
+	"encoding/asn1"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -58,6 +59,9 @@ func ParsePrivateKey(data, passphrase []byte) (crypto.Signer, error) {
 		key, err = x509.ParseECPrivateKey(block.Bytes)
 	default:
 		return nil, fmt.Errorf("unsupported PEM block type %q; want %q, %q or %q", block.Type, pemEncrypted, pemPKCS8, pemSEC1)
+	}
+	if err == nil {
+		_, err = parseDER[asn1.RawValue](block.Bytes, "private key") // x509 ignores trailing bytes
 	}
 	if err != nil {
 		return nil, fmt.Errorf("parsing %s: %w", block.Type, err)

@@ -135,16 +135,16 @@ func parseKDF(t *testing.T, enc []byte) pbkdf2Params {
 	if block == nil {
 		t.Fatal("no PEM block")
 	}
-	var info encryptedPrivateKeyInfo
-	var params pbes2Params
-	var kdf pbkdf2Params
-	if err := unmarshalExact(block.Bytes, &info, "info"); err != nil {
+	info, err := parseDER[encryptedPrivateKeyInfo](block.Bytes, "info")
+	if err != nil {
 		t.Fatal(err)
 	}
-	if err := unmarshalExact(info.Algorithm.Parameters.FullBytes, &params, "pbes2"); err != nil {
+	params, err := parseDER[pbes2Params](info.Algorithm.Parameters.FullBytes, "pbes2")
+	if err != nil {
 		t.Fatal(err)
 	}
-	if err := unmarshalExact(params.KeyDerivationFunc.Parameters.FullBytes, &kdf, "kdf"); err != nil {
+	kdf, err := parseDER[pbkdf2Params](params.KeyDerivationFunc.Parameters.FullBytes, "kdf")
+	if err != nil {
 		t.Fatal(err)
 	}
 	return kdf
@@ -155,7 +155,7 @@ type spec struct {
 	scheme, kdf, prf, cipher asn1.ObjectIdentifier
 	iterations, keyLen       int
 	iv, data                 []byte
-	kdfTrailer               []byte // appended inside the PBES2 parameters
+	kdfTrailer               []byte // appended after the PBKDF2 parameters
 }
 
 // craft builds an EncryptedPrivateKeyInfo DER from valid-looking defaults
@@ -210,6 +210,10 @@ func TestReadRefusals(t *testing.T) {
 		t.Fatal(err)
 	}
 	legacy := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Headers: map[string]string{"Proc-Type": "4,ENCRYPTED", "DEK-Info": "AES-256-CBC,00000000000000000000000000000000"}, Bytes: sec1})
+	trailingPlain, err := encryptPBES2(append(mustPKCS8(t, k), 0), pass, fast)
+	if err != nil {
+		t.Fatal(err)
+	}
 	enc := func(edit func(*spec)) []byte { return pemOf("ENCRYPTED PRIVATE KEY", craft(t, edit)) }
 	cases := []struct {
 		name    string
@@ -231,7 +235,10 @@ func TestReadRefusals(t *testing.T) {
 		{name: "fail/garbage-pkcs8", in: pemOf("PRIVATE KEY", []byte("garbage")), detail: "parsing PRIVATE KEY"},
 		{name: "fail/garbage-sec1", in: pemOf("EC PRIVATE KEY", []byte("garbage")), detail: "parsing EC PRIVATE KEY"},
 		{name: "fail/trailing-bytes", in: trailing, pass: pass, detail: "malformed encrypted private key: 1 trailing bytes"},
-		{name: "fail/trailing-bytes-in-kdf-params", in: enc(func(s *spec) { s.kdfTrailer = []byte{5, 0} }), pass: pass, detail: "malformed PBKDF2 parameters: 2 trailing bytes"},
+		{name: "fail/trailing-bytes-in-plaintext", in: trailingPlain, pass: pass, target: ErrWrongPassphrase},
+		{name: "fail/trailing-bytes-after-pkcs8", in: pemOf("PRIVATE KEY", append(mustPKCS8(t, k), 0)), detail: "parsing PRIVATE KEY: malformed private key: 1 trailing bytes"},
+		{name: "fail/trailing-bytes-after-sec1", in: pemOf("EC PRIVATE KEY", append(bytes.Clone(sec1), 0)), detail: "parsing EC PRIVATE KEY: malformed private key: 1 trailing bytes"},
+		{name: "fail/extra-field-in-kdf-algorithm", in: enc(func(s *spec) { s.kdfTrailer = []byte{5, 0} }), pass: pass, detail: "malformed PBES2 parameters: unexpected fields or not DER"},
 		{name: "fail/too-many-iterations", in: enc(func(s *spec) { s.iterations = 10_000_001 }), pass: pass, detail: "PBKDF2 iteration count 10000001 is outside 1..10000000"},
 		{name: "fail/huge-iterations", in: enc(func(s *spec) { s.iterations = 1 << 40 }), pass: pass, detail: "iteration count 1099511627776 is outside"},
 		{name: "fail/zero-iterations", in: enc(func(s *spec) { s.iterations = 0 }), pass: pass, detail: "iteration count 0 is outside"},
@@ -264,6 +271,39 @@ func TestReadRefusals(t *testing.T) {
 			}
 			if len(c.pass) > 0 && strings.Contains(err.Error(), string(c.pass)) {
 				t.Fatalf("error reveals the passphrase: %v", err)
+			}
+		})
+	}
+}
+
+func TestUnpad(t *testing.T) {
+	t.Parallel()
+	block := func(tail ...byte) []byte { return append(make([]byte, 32-len(tail)), tail...) }
+	cases := []struct {
+		name string
+		in   []byte
+		n    int // bytes of padding; -1 if refused
+	}{
+		{"ok/one", block(1), 1},
+		{"ok/three", block(3, 3, 3), 3},
+		{"ok/full-block", block(bytes.Repeat([]byte{16}, 16)...), 16},
+		{"fail/zero", block(0), -1},
+		{"fail/longer-than-a-block", block(bytes.Repeat([]byte{17}, 17)...), -1},
+		{"fail/inconsistent", block(2, 3, 3), -1},
+		{"fail/inconsistent-first-of-16", block(append([]byte{15}, bytes.Repeat([]byte{16}, 15)...)...), -1},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			got, ok := unpad(c.in)
+			if c.n < 0 {
+				if ok {
+					t.Fatalf("unpad accepted %x", c.in)
+				}
+				return
+			}
+			if !ok || len(got) != len(c.in)-c.n {
+				t.Fatalf("unpad = %d bytes, %v; want %d bytes", len(got), ok, len(c.in)-c.n)
 			}
 		})
 	}

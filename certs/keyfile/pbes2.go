@@ -1,6 +1,7 @@
 package keyfile
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/aes"
 	"crypto/cipher"
@@ -100,6 +101,16 @@ type EncryptOptions struct {
 // the iteration count must be within 1000..10,000,000 (the upper bound is
 // what DecryptPKCS8 accepts).
 func EncryptPKCS8(key crypto.Signer, passphrase []byte, opts *EncryptOptions) ([]byte, error) {
+	plain, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, fmt.Errorf("encrypting key: %w", err)
+	}
+	defer clear(plain)
+	return encryptPBES2(plain, passphrase, opts)
+}
+
+// encryptPBES2 does EncryptPKCS8's work on a DER PrivateKeyInfo.
+func encryptPBES2(plain, passphrase []byte, opts *EncryptOptions) ([]byte, error) {
 	if len(passphrase) == 0 {
 		return nil, errors.New("encrypting key: empty passphrase")
 	}
@@ -116,11 +127,6 @@ func EncryptPKCS8(key crypto.Signer, passphrase []byte, opts *EncryptOptions) ([
 	if o.Rand == nil {
 		o.Rand = rand.Reader
 	}
-	plain, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		return nil, fmt.Errorf("encrypting key: %w", err)
-	}
-	defer clear(plain)
 	salt, iv := make([]byte, 16), make([]byte, aes.BlockSize)
 	if _, err := io.ReadFull(o.Rand, salt); err != nil {
 		return nil, fmt.Errorf("encrypting key: reading salt: %w", err)
@@ -177,16 +183,22 @@ func marshalPBES2(salt, iv []byte, iterations int, ct []byte) ([]byte, error) {
 	})
 }
 
-// unmarshalExact parses DER into v and refuses trailing bytes.
-func unmarshalExact(der []byte, v any, what string) error {
-	rest, err := asn1.Unmarshal(der, v)
+// parseDER parses der as one T. It refuses trailing bytes, and, since
+// encoding/asn1 skips unexpected elements at the end of a SEQUENCE, it also
+// refuses anything that does not encode back to exactly der.
+func parseDER[T any](der []byte, what string) (T, error) {
+	var v T
+	rest, err := asn1.Unmarshal(der, &v)
 	if err != nil {
-		return fmt.Errorf("malformed %s: %w", what, err)
+		return v, fmt.Errorf("malformed %s: %w", what, err)
 	}
 	if len(rest) > 0 {
-		return fmt.Errorf("malformed %s: %d trailing bytes", what, len(rest))
+		return v, fmt.Errorf("malformed %s: %d trailing bytes", what, len(rest))
 	}
-	return nil
+	if re, err := asn1.Marshal(v); err != nil || !bytes.Equal(re, der) {
+		return v, fmt.Errorf("malformed %s: unexpected fields or not DER", what)
+	}
+	return v, nil
 }
 
 // DecryptPKCS8 decrypts a PEM or DER EncryptedPrivateKeyInfo protected with
@@ -205,15 +217,15 @@ func DecryptPKCS8(data, passphrase []byte) (crypto.Signer, error) {
 	if len(passphrase) == 0 {
 		return nil, ErrNeedPassphrase
 	}
-	var info encryptedPrivateKeyInfo
-	if err := unmarshalExact(data, &info, "encrypted private key"); err != nil {
+	info, err := parseDER[encryptedPrivateKeyInfo](data, "encrypted private key")
+	if err != nil {
 		return nil, err
 	}
 	if !info.Algorithm.Algorithm.Equal(oidPBES2) {
 		return nil, fmt.Errorf("encrypted with %s; only PBES2 (%s) is supported", info.Algorithm.Algorithm, oidPBES2)
 	}
-	var params pbes2Params
-	if err := unmarshalExact(info.Algorithm.Parameters.FullBytes, &params, "PBES2 parameters"); err != nil {
+	params, err := parseDER[pbes2Params](info.Algorithm.Parameters.FullBytes, "PBES2 parameters")
+	if err != nil {
 		return nil, err
 	}
 	if !params.KeyDerivationFunc.Algorithm.Equal(oidPBKDF2) {
@@ -223,8 +235,8 @@ func DecryptPKCS8(data, passphrase []byte) (crypto.Signer, error) {
 	if !ok {
 		return nil, fmt.Errorf("cipher %s is not supported; only AES-128/192/256-CBC", params.EncryptionScheme.Algorithm)
 	}
-	var kdf pbkdf2Params
-	if err := unmarshalExact(params.KeyDerivationFunc.Parameters.FullBytes, &kdf, "PBKDF2 parameters"); err != nil {
+	kdf, err := parseDER[pbkdf2Params](params.KeyDerivationFunc.Parameters.FullBytes, "PBKDF2 parameters")
+	if err != nil {
 		return nil, err
 	}
 	prf := sha1.New
@@ -242,8 +254,8 @@ func DecryptPKCS8(data, passphrase []byte) (crypto.Signer, error) {
 	if len(kdf.Salt) == 0 || len(kdf.Salt) > 1024 {
 		return nil, fmt.Errorf("PBKDF2 salt of %d bytes is outside 1..1024", len(kdf.Salt))
 	}
-	var iv []byte
-	if err := unmarshalExact(params.EncryptionScheme.Parameters.FullBytes, &iv, "cipher IV"); err != nil {
+	iv, err := parseDER[[]byte](params.EncryptionScheme.Parameters.FullBytes, "cipher IV")
+	if err != nil {
 		return nil, err
 	}
 	if len(iv) != aes.BlockSize {
@@ -270,6 +282,9 @@ func DecryptPKCS8(data, passphrase []byte) (crypto.Signer, error) {
 		return nil, ErrWrongPassphrase
 	}
 	key, err := x509.ParsePKCS8PrivateKey(plain)
+	if err == nil {
+		_, err = parseDER[asn1.RawValue](plain, "private key") // x509 ignores trailing bytes
+	}
 	if err != nil {
 		return nil, ErrWrongPassphrase
 	}

@@ -87,5 +87,6 @@ func OpenPostgres(ctx context.Context, dsn string) (Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("opening PostgreSQL registry: %w", err)
 	}
+	s.startCommitter()
 	return s, nil
 }

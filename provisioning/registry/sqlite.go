@@ -107,5 +107,6 @@ func OpenSQLite(ctx context.Context, path string) (Store, error) {
 		s.Close()
 		return nil, fmt.Errorf("opening registry %s: %w", path, err)
 	}
+	s.startCommitter()
 	return s, nil
 }

@@ -23,6 +23,21 @@ type sqlStore struct {
 	// PostgreSQL both are the same pool.
 	r, w *sql.DB
 	d    *dialect
+	// The group committer of RecordIssue: pending feeds it, closing stops
+	// it, committed is closed when it has stopped.
+	pending   chan *pendingIssue
+	closing   chan struct{}
+	committed chan struct{}
+	closeOnce sync.Once
+}
+
+// startCommitter launches the group committer; the Open functions call it
+// once the schema is in place.
+func (s *sqlStore) startCommitter() {
+	s.pending = make(chan *pendingIssue)
+	s.closing = make(chan struct{})
+	s.committed = make(chan struct{})
+	go s.commitLoop()
 }
 
 // dialect is everything that differs between the SQL databases.
@@ -483,47 +498,149 @@ func (s *sqlStore) FindIssued(ctx context.Context, tokenID, deviceID, requestHas
 
 // RecordIssue, in one transaction: spend the token use, compare-and-set
 // the device row, revoke the previous certificate if asked, insert the
-// certificate, append the audit event. Any failure rolls everything back.
+// certificate, append the audit event. Any failure rolls everything of
+// this record back.
+//
+// Records from concurrent callers are group-committed: the committer
+// goroutine writes every record waiting at the moment into one
+// transaction, so a burst of enrollments pays one fsync per batch instead
+// of one per certificate. RecordIssue still returns only once its own
+// record has committed (or with the error that kept it out).
 func (s *sqlStore) RecordIssue(ctx context.Context, rec IssueRecord) error {
 	if err := checkIssue(rec); err != nil {
 		return err
 	}
-	c, d := newCert(rec.Cert), normDevice(rec.Device)
-	at := c.CreatedAt
-	labels, err := labelsText(d.Labels)
-	if err != nil {
-		return issueErr(c.Serial, err)
+	r := &pendingIssue{rec: rec, c: newCert(rec.Cert), d: normDevice(rec.Device), ctx: ctx, done: make(chan error, 1)}
+	var err error
+	if r.labels, err = labelsText(r.d.Labels); err != nil {
+		return issueErr(r.c.Serial, err)
 	}
-	err = s.inTx(ctx, func(tx *sql.Tx) error {
-		if rec.TokenID != "" {
-			if err := s.spendToken(ctx, tx, rec.TokenID, at); err != nil {
-				return err
-			}
-		}
-		if err := s.setDevice(ctx, tx, d, labels, rec.ExpectSerial); err != nil {
-			return err
-		}
-		if rec.RevokePrevious && rec.ExpectSerial != "" {
-			if _, err := s.revoke(ctx, tx, `serial = ? AND device_id = ?`, []any{rec.ExpectSerial, d.ID}, reasonSuperseded, at); err != nil {
-				return err
-			}
-		}
-		_, err := tx.ExecContext(ctx, s.d.q(`INSERT INTO certificates (serial, device_id, fingerprint, public_key_hash, request_hash, `+
-			`token_id, issuer, not_before, not_after, der, tpm_bound, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
-			c.Serial, c.DeviceID, c.Fingerprint, c.PublicKeyHash, c.RequestHash, c.TokenID, c.Issuer,
-			s.d.time(c.NotBefore), s.d.time(c.NotAfter), blob(c.DER), c.TPMBound, s.d.time(c.CreatedAt))
-		switch {
-		case s.d.isUnique(err):
-			return ErrExists
-		case err != nil:
-			return fmt.Errorf("inserting: %w", err)
-		}
-		return s.appendAudit(ctx, tx, rec.Audit)
-	})
-	if err != nil {
-		return issueErr(c.Serial, err)
+	select {
+	case s.pending <- r:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.closing:
+		return issueErr(r.c.Serial, errClosed)
+	}
+	// Always wait for the answer: once handed over, the record may be in a
+	// transaction that commits even if ctx ends now.
+	if err := <-r.done; err != nil {
+		return issueErr(r.c.Serial, err)
 	}
 	return nil
+}
+
+var errClosed = errors.New("the registry is closed")
+
+// pendingIssue is a record waiting for the group committer.
+type pendingIssue struct {
+	rec    IssueRecord
+	c      Certificate
+	d      Device
+	labels string
+	ctx    context.Context
+	done   chan error
+}
+
+// maxBatch bounds the records of one transaction.
+const maxBatch = 64
+
+// commitLoop is the group committer: it takes the first waiting record and
+// every other one already waiting, and commits them together.
+func (s *sqlStore) commitLoop() {
+	defer close(s.committed)
+	for {
+		var batch []*pendingIssue
+		select {
+		case r := <-s.pending:
+			batch = append(batch, r)
+		case <-s.closing:
+			return
+		}
+	more:
+		for len(batch) < maxBatch {
+			select {
+			case r := <-s.pending:
+				batch = append(batch, r)
+			default:
+				break more
+			}
+		}
+		s.commitBatch(batch)
+	}
+}
+
+// commitBatch runs the records optimistically in one transaction, without
+// savepoints: the enrollment service checked everything it could first, so
+// a record failing here is rare. When one fails, the transaction is rolled
+// back and run again without it.
+func (s *sqlStore) commitBatch(batch []*pendingIssue) {
+	errs := make([]error, len(batch))
+	out := make([]bool, len(batch)) // answered already
+	// The batch runs under its own deadline, not any caller's context: one
+	// caller giving up must not roll back the others' records.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for {
+		failed := -1
+		err := s.inTx(ctx, func(tx *sql.Tx) error {
+			for i, r := range batch {
+				if out[i] {
+					continue
+				}
+				if err := r.ctx.Err(); err != nil {
+					errs[i], out[i] = err, true
+					continue
+				}
+				if err := s.recordIssue(ctx, tx, r); err != nil {
+					failed, errs[i] = i, err
+					return err
+				}
+			}
+			return nil
+		})
+		if failed >= 0 {
+			out[failed] = true
+			continue
+		}
+		for i, r := range batch {
+			if !out[i] && err != nil {
+				errs[i] = err
+			}
+			r.done <- errs[i]
+		}
+		return
+	}
+}
+
+// recordIssue is one record's writes, in the batch's transaction.
+func (s *sqlStore) recordIssue(ctx context.Context, tx *sql.Tx, r *pendingIssue) error {
+	rec, c, d, labels := r.rec, r.c, r.d, r.labels
+	at := c.CreatedAt
+	if rec.TokenID != "" {
+		if err := s.spendToken(ctx, tx, rec.TokenID, at); err != nil {
+			return err
+		}
+	}
+	if err := s.setDevice(ctx, tx, d, labels, rec.ExpectSerial); err != nil {
+		return err
+	}
+	if rec.RevokePrevious && rec.ExpectSerial != "" {
+		if _, err := s.revoke(ctx, tx, `serial = ? AND device_id = ?`, []any{rec.ExpectSerial, d.ID}, reasonSuperseded, at); err != nil {
+			return err
+		}
+	}
+	_, err := tx.ExecContext(ctx, s.d.q(`INSERT INTO certificates (serial, device_id, fingerprint, public_key_hash, request_hash, `+
+		`token_id, issuer, not_before, not_after, der, tpm_bound, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
+		c.Serial, c.DeviceID, c.Fingerprint, c.PublicKeyHash, c.RequestHash, c.TokenID, c.Issuer,
+		s.d.time(c.NotBefore), s.d.time(c.NotAfter), blob(c.DER), c.TPMBound, s.d.time(c.CreatedAt))
+	switch {
+	case s.d.isUnique(err):
+		return ErrExists
+	case err != nil:
+		return fmt.Errorf("inserting: %w", err)
+	}
+	return s.appendAudit(ctx, tx, rec.Audit)
 }
 
 // spendToken takes one use of the token, atomically: the UPDATE's WHERE is
@@ -758,6 +875,10 @@ func (s *sqlStore) Ping(ctx context.Context) error {
 }
 
 func (s *sqlStore) Close() error {
+	if s.closing != nil {
+		s.closeOnce.Do(func() { close(s.closing) })
+		<-s.committed
+	}
 	err := s.r.Close()
 	if s.w != s.r {
 		err = errors.Join(err, s.w.Close())
