@@ -87,6 +87,9 @@ func OpenPostgres(ctx context.Context, dsn string) (Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("opening PostgreSQL registry: %w", err)
 	}
-	s.startCommitter()
+	if err := s.startCommitter(ctx); err != nil {
+		s.Close()
+		return nil, err
+	}
 	return s, nil
 }

@@ -65,6 +65,7 @@ var sqliteDialect = &dialect{
 		return false
 	},
 	isRetryable: func(error) bool { return false },
+	prepare:     true,
 }
 
 // OpenSQLite opens the registry in the SQLite file at path, creating it
@@ -107,6 +108,9 @@ func OpenSQLite(ctx context.Context, path string) (Store, error) {
 		s.Close()
 		return nil, fmt.Errorf("opening registry %s: %w", path, err)
 	}
-	s.startCommitter()
+	if err := s.startCommitter(ctx); err != nil {
+		s.Close()
+		return nil, err
+	}
 	return s, nil
 }

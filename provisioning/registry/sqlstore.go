@@ -29,15 +29,26 @@ type sqlStore struct {
 	closing   chan struct{}
 	committed chan struct{}
 	closeOnce sync.Once
+	// stmts holds the statements prepared by on, per pool; the statement
+	// texts are fixed, so it stays small.
+	stmtMu sync.Mutex
+	stmts  map[stmtKey]*sql.Stmt
 }
 
 // startCommitter launches the group committer; the Open functions call it
 // once the schema is in place.
-func (s *sqlStore) startCommitter() {
+func (s *sqlStore) startCommitter(ctx context.Context) error {
+	s.stmts = map[stmtKey]*sql.Stmt{}
+	if s.d.prepare {
+		if err := s.warmWrites(ctx); err != nil {
+			return err
+		}
+	}
 	s.pending = make(chan *pendingIssue)
 	s.closing = make(chan struct{})
 	s.committed = make(chan struct{})
 	go s.commitLoop()
+	return nil
 }
 
 // dialect is everything that differs between the SQL databases.
@@ -61,6 +72,8 @@ type dialect struct {
 	// transaction the database aborted to resolve a race (deadlock,
 	// serialisation failure).
 	isUnique, isRetryable func(error) bool
+	// prepare: cache prepared statements (see sqlStore.on).
+	prepare bool
 
 	rebound sync.Map // statement with ? -> statement with $n
 }
@@ -234,6 +247,120 @@ type queryer interface {
 
 type scanner interface{ Scan(dest ...any) error }
 
+// on returns q with prepared statements: each statement text is prepared
+// once per pool and reused, so the hot path (enrollment) does not make
+// SQLite parse and plan the same SQL again for every certificate. pgx
+// already caches prepared statements per connection, so PostgreSQL gets q
+// itself.
+func (s *sqlStore) on(q queryer) queryer {
+	if !s.d.prepare {
+		return q
+	}
+	return &preparedQueryer{s: s, q: q}
+}
+
+type preparedQueryer struct {
+	s *sqlStore
+	q queryer
+}
+
+// stmt returns the prepared statement for query, bound to the transaction
+// when q is one, or nil to run the query unprepared. Statements of the
+// write pool are prepared only by warm, at open: the SQLite write pool has
+// a single connection, and preparing on it while a transaction holds that
+// connection would wait forever. Read statements are prepared on first use.
+func (p *preparedQueryer) stmt(ctx context.Context, query string) *sql.Stmt {
+	tx, inTx := p.q.(*sql.Tx)
+	db := p.s.r
+	if inTx || p.q == p.s.w {
+		db = p.s.w
+	}
+	key := stmtKey{db, query}
+	p.s.stmtMu.Lock()
+	st := p.s.stmts[key]
+	p.s.stmtMu.Unlock()
+	if st == nil && db == p.s.r {
+		var err error
+		if st, err = p.s.prepareOn(ctx, db, query); err != nil {
+			return nil
+		}
+	}
+	if st == nil {
+		return nil
+	}
+	if inTx {
+		return tx.StmtContext(ctx, st)
+	}
+	return st
+}
+
+// prepareOn prepares query on db and caches it.
+func (s *sqlStore) prepareOn(ctx context.Context, db *sql.DB, query string) (*sql.Stmt, error) {
+	st, err := db.PrepareContext(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	key := stmtKey{db, query}
+	s.stmtMu.Lock()
+	defer s.stmtMu.Unlock()
+	if old := s.stmts[key]; old != nil {
+		st.Close()
+		return old, nil
+	}
+	s.stmts[key] = st
+	return st, nil
+}
+
+// The statements of RecordIssue, named so that warmWrites can prepare
+// them ahead.
+const (
+	stmtSpendToken      = `UPDATE tokens SET uses = uses + 1 WHERE id = ? AND uses < max_uses AND NOT disabled AND expires_at > ?`
+	stmtDeviceForUpdate = `SELECT status, serial FROM devices WHERE id = ?`
+	stmtInsertDevice    = `INSERT INTO devices (` + deviceCols + `) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+	stmtUpdateDevice    = `UPDATE devices SET status = ?, serial = ?, fingerprint = ?, not_after = ?, tpm_bound = ?, ` +
+		`ek_hash = ?, labels = ?, updated_at = ? WHERE id = ? AND serial = ? AND status = ?`
+	stmtInsertCert = `INSERT INTO certificates (serial, device_id, fingerprint, public_key_hash, request_hash, ` +
+		`token_id, issuer, not_before, not_after, der, tpm_bound, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+	stmtInsertAudit = `INSERT INTO audit (at, actor, action, subject, outcome, reason, remote_addr, serial) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`
+)
+
+// warmWrites prepares the statements of RecordIssue on the write pool.
+func (s *sqlStore) warmWrites(ctx context.Context) error {
+	for _, q := range []string{stmtSpendToken, stmtDeviceForUpdate, stmtInsertDevice, stmtUpdateDevice, stmtInsertCert, stmtInsertAudit,
+		`SELECT ` + tokenCols + ` FROM tokens WHERE id = ?`, `SELECT ` + certCols + ` FROM certificates WHERE serial = ?`} {
+		if _, err := s.prepareOn(ctx, s.w, s.d.q(q)); err != nil {
+			return fmt.Errorf("preparing %q: %w", q, err)
+		}
+	}
+	return nil
+}
+
+func (p *preparedQueryer) ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error) {
+	if st := p.stmt(ctx, query); st != nil {
+		return st.ExecContext(ctx, args...)
+	}
+	return p.q.ExecContext(ctx, query, args...)
+}
+
+func (p *preparedQueryer) QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error) {
+	if st := p.stmt(ctx, query); st != nil {
+		return st.QueryContext(ctx, args...)
+	}
+	return p.q.QueryContext(ctx, query, args...)
+}
+
+func (p *preparedQueryer) QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row {
+	if st := p.stmt(ctx, query); st != nil {
+		return st.QueryRowContext(ctx, args...)
+	}
+	return p.q.QueryRowContext(ctx, query, args...)
+}
+
+type stmtKey struct {
+	db    *sql.DB
+	query string
+}
+
 // dbTime scans a time column of either dialect into a UTC time.Time; NULL
 // is the zero time.
 type dbTime time.Time
@@ -341,7 +468,7 @@ func (s *sqlStore) CreateToken(ctx context.Context, t Token) error {
 }
 
 func (s *sqlStore) getToken(ctx context.Context, q queryer, id string) (Token, error) {
-	t, err := scanToken(q.QueryRowContext(ctx, s.d.q(`SELECT `+tokenCols+` FROM tokens WHERE id = ?`), id))
+	t, err := scanToken(s.on(q).QueryRowContext(ctx, s.d.q(`SELECT `+tokenCols+` FROM tokens WHERE id = ?`), id))
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
 		return Token{}, tokenErr(id, ErrNotFound)
@@ -406,7 +533,7 @@ func scanDevice(sc scanner) (Device, error) {
 }
 
 func (s *sqlStore) GetDevice(ctx context.Context, id string) (Device, error) {
-	d, err := scanDevice(s.r.QueryRowContext(ctx, s.d.q(`SELECT `+deviceCols+` FROM devices WHERE id = ?`), id))
+	d, err := scanDevice(s.on(s.r).QueryRowContext(ctx, s.d.q(`SELECT `+deviceCols+` FROM devices WHERE id = ?`), id))
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
 		return Device{}, deviceErr(id, ErrNotFound)
@@ -454,7 +581,7 @@ func scanCert(sc scanner) (Certificate, error) {
 // certs returns the certificates "SELECT ... FROM certificates <rest>"
 // finds, failing if there are more than max (0: no cap).
 func (s *sqlStore) certs(ctx context.Context, q queryer, max int, rest string, args ...any) ([]Certificate, error) {
-	rows, err := q.QueryContext(ctx, s.d.q(`SELECT `+certCols+` FROM certificates `+rest), args...)
+	rows, err := s.on(q).QueryContext(ctx, s.d.q(`SELECT `+certCols+` FROM certificates `+rest), args...)
 	if err != nil {
 		return nil, err
 	}
@@ -462,7 +589,7 @@ func (s *sqlStore) certs(ctx context.Context, q queryer, max int, rest string, a
 }
 
 func (s *sqlStore) getCert(ctx context.Context, q queryer, serial string) (Certificate, error) {
-	c, err := scanCert(q.QueryRowContext(ctx, s.d.q(`SELECT `+certCols+` FROM certificates WHERE serial = ?`), serial))
+	c, err := scanCert(s.on(q).QueryRowContext(ctx, s.d.q(`SELECT `+certCols+` FROM certificates WHERE serial = ?`), serial))
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
 		return Certificate{}, certErr(serial, ErrNotFound)
@@ -630,8 +757,7 @@ func (s *sqlStore) recordIssue(ctx context.Context, tx *sql.Tx, r *pendingIssue)
 			return err
 		}
 	}
-	_, err := tx.ExecContext(ctx, s.d.q(`INSERT INTO certificates (serial, device_id, fingerprint, public_key_hash, request_hash, `+
-		`token_id, issuer, not_before, not_after, der, tpm_bound, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
+	_, err := s.on(tx).ExecContext(ctx, s.d.q(stmtInsertCert),
 		c.Serial, c.DeviceID, c.Fingerprint, c.PublicKeyHash, c.RequestHash, c.TokenID, c.Issuer,
 		s.d.time(c.NotBefore), s.d.time(c.NotAfter), blob(c.DER), c.TPMBound, s.d.time(c.CreatedAt))
 	switch {
@@ -647,8 +773,7 @@ func (s *sqlStore) recordIssue(ctx context.Context, tx *sql.Tx, r *pendingIssue)
 // the whole rule, so two writers can never both take the last use. When it
 // matches nothing, the token row says why.
 func (s *sqlStore) spendToken(ctx context.Context, tx *sql.Tx, id string, at time.Time) error {
-	res, err := tx.ExecContext(ctx, s.d.q(`UPDATE tokens SET uses = uses + 1 `+
-		`WHERE id = ? AND uses < max_uses AND NOT disabled AND expires_at > ?`), id, s.d.time(at))
+	res, err := s.on(tx).ExecContext(ctx, s.d.q(stmtSpendToken), id, s.d.time(at))
 	if err != nil {
 		return fmt.Errorf("spending a use of token %q: %w", id, err)
 	}
@@ -677,7 +802,7 @@ func (s *sqlStore) spendToken(ctx context.Context, tx *sql.Tx, id string, at tim
 // serial), so they hold even without the row lock.
 func (s *sqlStore) setDevice(ctx context.Context, tx *sql.Tx, d Device, labels, expect string) error {
 	var status, serial string
-	err := tx.QueryRowContext(ctx, s.d.q(`SELECT status, serial FROM devices WHERE id = ?`+s.d.forUpdate), d.ID).Scan(&status, &serial)
+	err := s.on(tx).QueryRowContext(ctx, s.d.q(stmtDeviceForUpdate+s.d.forUpdate), d.ID).Scan(&status, &serial)
 	exists := err == nil
 	switch {
 	case err != nil && !errors.Is(err, sql.ErrNoRows):
@@ -690,7 +815,7 @@ func (s *sqlStore) setDevice(ctx context.Context, tx *sql.Tx, d Device, labels, 
 		return deviceErr(d.ID, fmt.Errorf("expected serial %q, device has %q: %w", expect, serial, ErrConflict))
 	}
 	if !exists {
-		_, err := tx.ExecContext(ctx, s.d.q(`INSERT INTO devices (`+deviceCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
+		_, err := s.on(tx).ExecContext(ctx, s.d.q(stmtInsertDevice),
 			d.ID, string(d.Status), d.Serial, d.Fingerprint, s.d.time(d.NotAfter), d.TPMBound, nullBlob(d.EKHash), labels,
 			s.d.time(d.CreatedAt), s.d.time(d.UpdatedAt))
 		switch {
@@ -702,8 +827,7 @@ func (s *sqlStore) setDevice(ctx context.Context, tx *sql.Tx, d Device, labels, 
 		return nil
 	}
 	// created_at is kept.
-	res, err := tx.ExecContext(ctx, s.d.q(`UPDATE devices SET status = ?, serial = ?, fingerprint = ?, not_after = ?, tpm_bound = ?, `+
-		`ek_hash = ?, labels = ?, updated_at = ? WHERE id = ? AND serial = ? AND status = ?`),
+	res, err := s.on(tx).ExecContext(ctx, s.d.q(stmtUpdateDevice),
 		string(d.Status), d.Serial, d.Fingerprint, s.d.time(d.NotAfter), d.TPMBound, nullBlob(d.EKHash), labels, s.d.time(d.UpdatedAt),
 		d.ID, expect, string(DeviceActive))
 	if err != nil {
@@ -830,8 +954,7 @@ func (s *sqlStore) RevokedUnexpired(ctx context.Context, now time.Time) ([]Certi
 
 func (s *sqlStore) appendAudit(ctx context.Context, q queryer, e AuditEvent) error {
 	e = normAudit(e)
-	if _, err := q.ExecContext(ctx, s.d.q(`INSERT INTO audit (at, actor, action, subject, outcome, reason, remote_addr, serial) `+
-		`VALUES (?, ?, ?, ?, ?, ?, ?, ?)`), s.d.time(e.At), e.Actor, e.Action, e.Subject, e.Outcome, e.Reason, e.RemoteAddr, e.Serial); err != nil {
+	if _, err := s.on(q).ExecContext(ctx, s.d.q(stmtInsertAudit), s.d.time(e.At), e.Actor, e.Action, e.Subject, e.Outcome, e.Reason, e.RemoteAddr, e.Serial); err != nil {
 		return fmt.Errorf("appending audit event: %w", err)
 	}
 	return nil
@@ -879,6 +1002,11 @@ func (s *sqlStore) Close() error {
 		s.closeOnce.Do(func() { close(s.closing) })
 		<-s.committed
 	}
+	s.stmtMu.Lock()
+	for _, st := range s.stmts {
+		st.Close()
+	}
+	s.stmtMu.Unlock()
 	err := s.r.Close()
 	if s.w != s.r {
 		err = errors.Join(err, s.w.Close())
