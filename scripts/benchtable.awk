@@ -21,13 +21,13 @@ function median(list,    n, a, i, j, t) {
 }
 END {
 	if (count == 0) { print "no benchmarks ran"; exit 1 }
-	printf "%-16s %-42s %14s %12s %10s %9s %9s  %s\n", "package", "benchmark", "median ns/op", "ops/s", "B/op", "allocs", "vs floor", "runs"
+	printf "%-20s %-42s %14s %12s %10s %9s %9s  %s\n", "package", "benchmark", "median ns/op", "ops/s", "B/op", "allocs", "vs floor", "runs"
 	for (k = 1; k <= count; k++) {
 		key = order[k]; split(key, p, " ")
 		m = median(ns[key]); ratio = "-"
 		base = p[2]; sub(/\/[^\/]+$/, "", base)
 		floorkey = p[1] " " base "/floor"
 		if (base != p[2] && (floorkey in seen) && floorkey != key) ratio = sprintf("%.2fx", m / median(ns[floorkey]))
-		printf "%-16s %-42s %14.0f %12.1f %10.0f %9.0f %9s  %d\n", p[1], p[2], m, (m > 0 ? 1e9 / m : 0), median(bytes[key]), median(allocs[key]), ratio, runs[key]
+		printf "%-20s %-42s %14.0f %12.1f %10.0f %9.0f %9s  %d\n", p[1], p[2], m, (m > 0 ? 1e9 / m : 0), median(bytes[key]), median(allocs[key]), ratio, runs[key]
 	}
 }
