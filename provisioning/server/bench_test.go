@@ -37,15 +37,7 @@ import (
 // a new device, so every one is a real issuance and a registry commit.
 // Goal: 1,500 enrollments/s on SQLite on the 2-core machine.
 func BenchmarkEnrollHTTPS(b *testing.B) {
-	dir := b.TempDir()
-	pki := filepath.Join(dir, "pki")
-	if _, err := pkidir.Init(pki, pkidir.InitOptions{TrustDomain: "fleet.test", Passphrase: pass, Options: pkidir.Options{KDFIterations: 1000}}); err != nil {
-		b.Fatal(err)
-	}
-	passFile := filepath.Join(dir, "ca.pass")
-	if err := os.WriteFile(passFile, pass.Secret, 0o600); err != nil {
-		b.Fatal(err)
-	}
+	_, pki, passFile := newPKI(b)
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 
 	b.Run("floor", func(b *testing.B) {

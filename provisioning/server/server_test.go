@@ -49,17 +49,25 @@ type testEnv struct {
 
 var pass = &pkidir.Passphrase{Secret: []byte("test passphrase 123"), Source: "test"}
 
+// newPKI makes a fleet PKI (trust domain fleet.test) in a temporary
+// directory and returns it with a file holding its passphrase.
+func newPKI(tb testing.TB) (dir, pki, passFile string) {
+	tb.Helper()
+	dir = tb.TempDir()
+	pki = filepath.Join(dir, "pki")
+	if _, err := pkidir.Init(pki, pkidir.InitOptions{TrustDomain: "fleet.test", Passphrase: pass, Options: pkidir.Options{KDFIterations: 1000}}); err != nil {
+		tb.Fatal(err)
+	}
+	passFile = filepath.Join(dir, "ca.pass")
+	if err := os.WriteFile(passFile, pass.Secret, 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	return dir, pki, passFile
+}
+
 func startEnv(t *testing.T, mutate func(*Config)) *testEnv {
 	t.Helper()
-	dir := t.TempDir()
-	pki := filepath.Join(dir, "pki")
-	if _, err := pkidir.Init(pki, pkidir.InitOptions{TrustDomain: "fleet.test", Passphrase: pass, Options: pkidir.Options{KDFIterations: 1000}}); err != nil {
-		t.Fatal(err)
-	}
-	passFile := filepath.Join(dir, "ca.pass")
-	if err := os.WriteFile(passFile, pass.Secret, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	dir, pki, passFile := newPKI(t)
 	cfg := Config{Listen: "127.0.0.1:0", MetricsListen: "127.0.0.1:0", PKIDir: pki, PassphraseFile: passFile, DataDir: filepath.Join(dir, "data")}
 	if mutate != nil {
 		mutate(&cfg)

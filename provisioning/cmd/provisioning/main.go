@@ -148,12 +148,19 @@ func (f *storeFlags) config() (server.Config, error) {
 	return cfg, nil
 }
 
-func (f *storeFlags) open(ctx context.Context) (registry.Store, error) {
+// withStore opens the registry the flags name, runs fn on it, and closes it.
+func (f *storeFlags) withStore(fn func(ctx context.Context, store registry.Store) error) error {
 	cfg, err := f.config()
 	if err != nil {
-		return nil, err
+		return err
 	}
-	return server.OpenStore(ctx, cfg)
+	ctx := context.Background()
+	store, err := server.OpenStore(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	return fn(ctx, store)
 }
 
 func cmdServe(args []string, stderr io.Writer) error {
@@ -221,20 +228,16 @@ func cmdTokenCreate(args []string, out io.Writer) error {
 	if err := f.parse(args, out); err != nil {
 		return err
 	}
-	ctx := context.Background()
-	store, err := f.open(ctx)
-	if err != nil {
-		return err
-	}
-	defer store.Close()
-	v, err := server.CreateToken(ctx, store, server.TokenRequest{Prefix: *prefix, MaxUses: *maxUses, RequireTPM: *requireTPM,
-		AllowReprovision: *reprovision, Labels: labels}, *expires, "cli:"+currentUser(), time.Now())
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(out, "%s\n", v.Token)
-	fmt.Fprintf(os.Stderr, "token %s: prefix %q, %d use(s), expires %s. It is shown only this once.\n", v.ID, v.Prefix, v.MaxUses, v.ExpiresAt.Format(time.RFC3339))
-	return nil
+	return f.withStore(func(ctx context.Context, store registry.Store) error {
+		v, err := server.CreateToken(ctx, store, server.TokenRequest{Prefix: *prefix, MaxUses: *maxUses, RequireTPM: *requireTPM,
+			AllowReprovision: *reprovision, Labels: labels}, *expires, "cli:"+currentUser(), time.Now())
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "%s\n", v.Token)
+		fmt.Fprintf(os.Stderr, "token %s: prefix %q, %d use(s), expires %s. It is shown only this once.\n", v.ID, v.Prefix, v.MaxUses, v.ExpiresAt.Format(time.RFC3339))
+		return nil
+	})
 }
 
 func cmdTokenList(args []string, out io.Writer) error {
@@ -242,31 +245,27 @@ func cmdTokenList(args []string, out io.Writer) error {
 	if err := f.parse(args, out); err != nil {
 		return err
 	}
-	ctx := context.Background()
-	store, err := f.open(ctx)
-	if err != nil {
-		return err
-	}
-	defer store.Close()
-	toks, err := store.ListTokens(ctx)
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(out, "%-12s  %-16s  %9s  %-20s  %s\n", "ID", "PREFIX", "USES", "EXPIRES", "FLAGS")
-	for _, t := range toks {
-		var flags []string
-		if t.RequireTPM {
-			flags = append(flags, "require-tpm")
+	return f.withStore(func(ctx context.Context, store registry.Store) error {
+		toks, err := store.ListTokens(ctx)
+		if err != nil {
+			return err
 		}
-		if t.AllowReprovision {
-			flags = append(flags, "allow-reprovision")
+		fmt.Fprintf(out, "%-12s  %-16s  %9s  %-20s  %s\n", "ID", "PREFIX", "USES", "EXPIRES", "FLAGS")
+		for _, t := range toks {
+			var flags []string
+			if t.RequireTPM {
+				flags = append(flags, "require-tpm")
+			}
+			if t.AllowReprovision {
+				flags = append(flags, "allow-reprovision")
+			}
+			if t.Disabled {
+				flags = append(flags, "DISABLED")
+			}
+			fmt.Fprintf(out, "%-12s  %-16q  %4d/%-4d  %-20s  %s\n", t.ID, t.Prefix, t.Uses, t.MaxUses, t.ExpiresAt.UTC().Format(time.RFC3339), strings.Join(flags, ","))
 		}
-		if t.Disabled {
-			flags = append(flags, "DISABLED")
-		}
-		fmt.Fprintf(out, "%-12s  %-16q  %4d/%-4d  %-20s  %s\n", t.ID, t.Prefix, t.Uses, t.MaxUses, t.ExpiresAt.UTC().Format(time.RFC3339), strings.Join(flags, ","))
-	}
-	return nil
+		return nil
+	})
 }
 
 func cmdTokenDisable(args []string, out io.Writer) error {
@@ -277,21 +276,17 @@ func cmdTokenDisable(args []string, out io.Writer) error {
 	if f.fs.NArg() != 1 {
 		return usageErr("name the token id to disable\nhint: provisioning token list")
 	}
-	ctx := context.Background()
-	store, err := f.open(ctx)
-	if err != nil {
-		return err
-	}
-	defer store.Close()
-	id := f.fs.Arg(0)
-	if err := store.DisableToken(ctx, id, registry.AuditEvent{At: time.Now(), Actor: "cli:" + currentUser(), Action: "token.disable", Subject: id, Outcome: registry.Allowed}); err != nil {
-		if errors.Is(err, registry.ErrNotFound) {
-			return fmt.Errorf("no token %q", id)
+	return f.withStore(func(ctx context.Context, store registry.Store) error {
+		id := f.fs.Arg(0)
+		if err := store.DisableToken(ctx, id, registry.AuditEvent{At: time.Now(), Actor: "cli:" + currentUser(), Action: "token.disable", Subject: id, Outcome: registry.Allowed}); err != nil {
+			if errors.Is(err, registry.ErrNotFound) {
+				return fmt.Errorf("no token %q", id)
+			}
+			return err
 		}
-		return err
-	}
-	fmt.Fprintf(out, "token %s disabled\n", id)
-	return nil
+		fmt.Fprintf(out, "token %s disabled\n", id)
+		return nil
+	})
 }
 
 func cmdDeviceList(args []string, out io.Writer) error {
@@ -302,21 +297,17 @@ func cmdDeviceList(args []string, out io.Writer) error {
 	if err := f.parse(args, out); err != nil {
 		return err
 	}
-	ctx := context.Background()
-	store, err := f.open(ctx)
-	if err != nil {
-		return err
-	}
-	defer store.Close()
-	devs, err := store.ListDevices(ctx, registry.ListOptions{After: *after, Limit: *limit, Status: registry.DeviceStatus(*status)})
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(out, "%-24s  %-8s  %-34s  %-20s  %s\n", "ID", "STATUS", "SERIAL", "NOT AFTER", "TPM")
-	for _, d := range devs {
-		fmt.Fprintf(out, "%-24s  %-8s  %-34s  %-20s  %v\n", d.ID, d.Status, d.Serial, d.NotAfter.UTC().Format(time.RFC3339), d.TPMBound)
-	}
-	return nil
+	return f.withStore(func(ctx context.Context, store registry.Store) error {
+		devs, err := store.ListDevices(ctx, registry.ListOptions{After: *after, Limit: *limit, Status: registry.DeviceStatus(*status)})
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "%-24s  %-8s  %-34s  %-20s  %s\n", "ID", "STATUS", "SERIAL", "NOT AFTER", "TPM")
+		for _, d := range devs {
+			fmt.Fprintf(out, "%-24s  %-8s  %-34s  %-20s  %v\n", d.ID, d.Status, d.Serial, d.NotAfter.UTC().Format(time.RFC3339), d.TPMBound)
+		}
+		return nil
+	})
 }
 
 func cmdDeviceShow(args []string, out io.Writer) error {
@@ -327,26 +318,22 @@ func cmdDeviceShow(args []string, out io.Writer) error {
 	if f.fs.NArg() != 1 {
 		return usageErr("name the device id\nhint: provisioning device show sensor-0001")
 	}
-	ctx := context.Background()
-	store, err := f.open(ctx)
-	if err != nil {
-		return err
-	}
-	defer store.Close()
-	d, err := store.GetDevice(ctx, f.fs.Arg(0))
-	if errors.Is(err, registry.ErrNotFound) {
-		return fmt.Errorf("no device %q", f.fs.Arg(0))
-	}
-	if err != nil {
-		return err
-	}
-	certs, err := store.ListCertificates(ctx, d.ID)
-	if err != nil {
-		return err
-	}
-	enc := json.NewEncoder(out)
-	enc.SetIndent("", "  ")
-	return enc.Encode(map[string]any{"device": d, "certificates": len(certs)})
+	return f.withStore(func(ctx context.Context, store registry.Store) error {
+		d, err := store.GetDevice(ctx, f.fs.Arg(0))
+		if errors.Is(err, registry.ErrNotFound) {
+			return fmt.Errorf("no device %q", f.fs.Arg(0))
+		}
+		if err != nil {
+			return err
+		}
+		certs, err := store.ListCertificates(ctx, d.ID)
+		if err != nil {
+			return err
+		}
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(map[string]any{"device": d, "certificates": len(certs)})
+	})
 }
 
 func cmdDeviceRevoke(args []string, out io.Writer) error {
@@ -366,27 +353,23 @@ func cmdDeviceRevoke(args []string, out io.Writer) error {
 	if id == "" || *reason == "" {
 		return usageErr("name the device and a reason\nhint: provisioning device revoke sensor-0001 --reason keyCompromise")
 	}
-	ctx := context.Background()
-	store, err := f.open(ctx)
-	if err != nil {
-		return err
-	}
-	defer store.Close()
-	certs, err := server.RevokeDevice(ctx, store, id, *reason, "cli:"+currentUser(), "", time.Now())
-	if errors.Is(err, registry.ErrNotFound) {
-		return fmt.Errorf("no device %q", id)
-	}
-	if err != nil {
-		return err
-	}
-	if len(certs) == 0 {
-		fmt.Fprintf(out, "device %s was already revoked\n", id)
+	return f.withStore(func(ctx context.Context, store registry.Store) error {
+		certs, err := server.RevokeDevice(ctx, store, id, *reason, "cli:"+currentUser(), "", time.Now())
+		if errors.Is(err, registry.ErrNotFound) {
+			return fmt.Errorf("no device %q", id)
+		}
+		if err != nil {
+			return err
+		}
+		if len(certs) == 0 {
+			fmt.Fprintf(out, "device %s was already revoked\n", id)
+			return nil
+		}
+		for _, c := range certs {
+			fmt.Fprintf(out, "revoked %s serial %s (%s)\n", id, c.Serial, *reason)
+		}
 		return nil
-	}
-	for _, c := range certs {
-		fmt.Fprintf(out, "revoked %s serial %s (%s)\n", id, c.Serial, *reason)
-	}
-	return nil
+	})
 }
 
 func cmdAudit(args []string, out io.Writer) error {
@@ -397,20 +380,16 @@ func cmdAudit(args []string, out io.Writer) error {
 	if err := f.parse(args, out); err != nil {
 		return err
 	}
-	ctx := context.Background()
-	store, err := f.open(ctx)
-	if err != nil {
-		return err
-	}
-	defer store.Close()
-	evs, err := store.ListAudit(ctx, registry.AuditQuery{AfterSeq: *after, Limit: *limit, Subject: *subject})
-	if err != nil {
-		return err
-	}
-	for _, e := range evs {
-		fmt.Fprintf(out, "%6d %s %-8s %-14s %-22s %-20s %s\n", e.Seq, e.At.UTC().Format(time.RFC3339), e.Outcome, e.Action, e.Actor, e.Subject, e.Reason)
-	}
-	return nil
+	return f.withStore(func(ctx context.Context, store registry.Store) error {
+		evs, err := store.ListAudit(ctx, registry.AuditQuery{AfterSeq: *after, Limit: *limit, Subject: *subject})
+		if err != nil {
+			return err
+		}
+		for _, e := range evs {
+			fmt.Fprintf(out, "%6d %s %-8s %-14s %-22s %-20s %s\n", e.Seq, e.At.UTC().Format(time.RFC3339), e.Outcome, e.Action, e.Actor, e.Subject, e.Reason)
+		}
+		return nil
+	})
 }
 
 type labelFlag map[string]string
