@@ -25,7 +25,7 @@ type Decision struct {
 	Reason  string
 }
 
-func allow() Decision            { return Decision{Allowed: true} }
+func allow() Decision             { return Decision{Allowed: true} }
 func deny(reason string) Decision { return Decision{Reason: reason} }
 
 // MaxTopicLength bounds what Check looks at (MQTT allows 65535 bytes; no
