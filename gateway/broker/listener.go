@@ -1,0 +1,133 @@
+package broker
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"log/slog"
+	"net"
+	"runtime/debug"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+)
+
+// listener is fleetkey's mochi listener: TLS with deadlines, an accept
+// loop that outlives temporary errors, and a recover() per connection.
+type listener struct {
+	b    *Broker
+	ln   net.Listener
+	id   string
+	once sync.Once
+	done chan struct{}
+	wg   sync.WaitGroup
+}
+
+var _ listeners.Listener = (*listener)(nil)
+
+func (l *listener) ID() string       { return l.id }
+func (l *listener) Address() string  { return l.ln.Addr().String() }
+func (l *listener) Protocol() string { return "mqtts" }
+
+func (l *listener) Init(*slog.Logger) error {
+	l.done = make(chan struct{})
+	return nil
+}
+
+// Serve accepts until Close. A temporary Accept error (EMFILE, ENFILE,
+// ECONNABORTED) is logged and retried after a growing pause, up to 1 s;
+// mochi's own loop returns on the first error and leaves the port dead.
+func (l *listener) Serve(establish listeners.EstablishFn) {
+	var backoff time.Duration
+	for {
+		conn, err := l.ln.Accept()
+		if err != nil {
+			select {
+			case <-l.done:
+				return
+			default:
+			}
+			l.b.stats.AcceptErrors.Add(1)
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			l.b.log.Warn("accept failed; retrying", "err", err, "in", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-l.done:
+				return
+			}
+			continue
+		}
+		backoff = 0
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			l.handle(conn, establish)
+		}()
+	}
+}
+
+// handle runs one connection: the TLS handshake under its deadline, then
+// mochi under a deadline for CONNECT, and a recover() around it all.
+func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
+	b := l.b
+	tc := tls.Server(raw, b.tls)
+	defer func() {
+		if p := recover(); p != nil {
+			b.stats.Panics.Add(1)
+			b.log.Error("connection panicked; closed it, the gateway goes on", "remote", raw.RemoteAddr().String(), "panic", p, "stack", string(debug.Stack()))
+			tc.Close()
+			l.forget(tc)
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), b.limits.HandshakeTimeout)
+	err := tc.HandshakeContext(ctx)
+	cancel()
+	if err != nil {
+		raw.Close()
+		return
+	}
+	// mochi reads CONNECT without any deadline; it sets keepalive
+	// deadlines once the client is in.
+	_ = tc.SetDeadline(time.Now().Add(b.limits.ConnectTimeout))
+	_ = establish(l.id, tc)
+}
+
+// forget removes what mochi kept of a client whose goroutine panicked:
+// its session (without its Will: a crash is not the client's last word)
+// and its subscriptions.
+func (l *listener) forget(tc *tls.Conn) {
+	b := l.b
+	b.mu.Lock()
+	var victim *mqtt.Client
+	for cl := range b.clients {
+		if cl.Net.Conn == net.Conn(tc) {
+			victim = cl
+		}
+	}
+	delete(b.clients, victim)
+	b.mu.Unlock()
+	if victim == nil {
+		return
+	}
+	victim.Properties.Will = mqtt.Will{}
+	b.mqtt.UnsubscribeClient(victim)
+	if cur, ok := b.mqtt.Clients.Get(victim.ID); ok && cur == victim {
+		b.mqtt.Clients.Delete(victim.ID)
+	}
+}
+
+// Close stops accepting, closes the listener and waits for the
+// connections' goroutines after closing every client.
+func (l *listener) Close(closeClients listeners.CloseFn) {
+	l.once.Do(func() {
+		close(l.done)
+		l.ln.Close()
+	})
+	closeClients(l.id)
+	l.wg.Wait()
+}
