@@ -93,7 +93,17 @@ type Broker struct {
 	tls     *tls.Config
 	stats   Stats
 	mu      sync.Mutex
-	clients map[*mqtt.Client]identity.ID
+	clients map[*mqtt.Client]*session
+	revoked map[string]struct{} // serials, lowercase hex
+}
+
+// session is what the broker knows of a connected client: the identity
+// its certificate proved, and when that certificate stops being valid.
+type session struct {
+	id     identity.ID
+	serial string
+	timer  *time.Timer // fires at the certificate's NotAfter
+	kicked string      // why the broker disconnected it, if it did
 }
 
 // Stats counts what the broker refused and survived, for metrics and tests.
@@ -104,6 +114,9 @@ type Stats struct {
 	Panics            atomic.Int64
 	AcceptErrors      atomic.Int64
 	PlaintextRefused  atomic.Int64
+	RevocationKicks   atomic.Int64
+	ExpiryKicks       atomic.Int64
+	WillsSent         atomic.Int64
 }
 
 // New builds a broker; it listens once Serve is called.
@@ -117,7 +130,7 @@ func New(opts Options) (*Broker, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	b := &Broker{opts: opts, limits: opts.Limits.withDefaults(), log: opts.Log, clients: map[*mqtt.Client]identity.ID{}}
+	b := &Broker{opts: opts, limits: opts.Limits.withDefaults(), log: opts.Log, clients: map[*mqtt.Client]*session{}, revoked: map[string]struct{}{}}
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = b.limits.MaxPacketSize
 	caps.MaximumClientWritesPending = b.limits.MaxWritesPending
@@ -144,17 +157,67 @@ func New(opts Options) (*Broker, error) {
 // not a valid, unrevoked device, service or admin of this fleet.
 func (b *Broker) verifyConnection(cs tls.ConnectionState) error {
 	_, err := b.opts.Bundle.Verify(cs.PeerCertificates, trust.VerifyOptions{
-		Now:   b.opts.Now(),
-		Roles: []identity.Role{identity.RoleDevice, identity.RoleService, identity.RoleAdmin},
-		IsRevoked: func(leaf *x509.Certificate) bool {
-			return b.opts.IsRevoked != nil && b.opts.IsRevoked(leaf.SerialNumber.Text(16))
-		},
+		Now:       b.opts.Now(),
+		Roles:     []identity.Role{identity.RoleDevice, identity.RoleService, identity.RoleAdmin},
+		IsRevoked: func(leaf *x509.Certificate) bool { return b.isRevoked(leaf.SerialNumber.Text(16)) },
 	})
 	if err != nil {
 		b.stats.HandshakeFailures.Add(1)
 		b.log.Info("TLS client refused", "reason", trust.ReasonOf(err), "err", err)
 	}
 	return err
+}
+
+func (b *Broker) isRevoked(serial string) bool {
+	b.mu.Lock()
+	_, revoked := b.revoked[serial]
+	b.mu.Unlock()
+	return revoked || (b.opts.IsRevoked != nil && b.opts.IsRevoked(serial))
+}
+
+// Revoke marks a certificate serial (lowercase hex) revoked: new
+// handshakes with it are refused, and a client connected with it is
+// disconnected at once, its Will suppressed and its session removed. It
+// reports how many clients it disconnected.
+func (b *Broker) Revoke(serial string) int {
+	b.mu.Lock()
+	b.revoked[serial] = struct{}{}
+	var victims []*mqtt.Client
+	for cl, s := range b.clients {
+		if s.serial == serial {
+			victims = append(victims, cl)
+		}
+	}
+	b.mu.Unlock()
+	for _, cl := range victims {
+		b.kick(cl, "revoked")
+	}
+	return len(victims)
+}
+
+// kick disconnects a client the broker no longer trusts. Its Will is
+// cleared first: a revoked or expired device must not get a last word
+// (mochi would otherwise publish it on a server-side disconnect).
+func (b *Broker) kick(cl *mqtt.Client, reason string) {
+	b.mu.Lock()
+	s, ok := b.clients[cl]
+	if ok {
+		s.kicked = reason
+	}
+	b.mu.Unlock()
+	if !ok {
+		return
+	}
+	atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+	switch reason {
+	case "revoked":
+		b.stats.RevocationKicks.Add(1)
+	case "expired":
+		b.stats.ExpiryKicks.Add(1)
+	}
+	b.log.Info("disconnecting client", "identity", s.id.String(), "serial", s.serial, "reason", reason)
+	_ = b.mqtt.DisconnectClient(cl, packets.ErrNotAuthorized)
+	cl.Stop(errors.New("certificate " + reason))
 }
 
 // Stats returns the counters.
@@ -178,8 +241,11 @@ func (b *Broker) Serve(ctx context.Context, ln net.Listener) error {
 func (b *Broker) identityOf(cl *mqtt.Client) (identity.ID, bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	id, ok := b.clients[cl]
-	return id, ok
+	s, ok := b.clients[cl]
+	if !ok || s.kicked != "" {
+		return identity.ID{}, false
+	}
+	return s.id, true
 }
 
 // hook is the one hook that decides. It embeds mochi's HookBase only for
@@ -193,7 +259,7 @@ func (h *hook) ID() string { return "fleetkey" }
 
 func (h *hook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnDisconnect, mqtt.OnPublish:
+	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnWillSent:
 		return true
 	}
 	return false
@@ -208,7 +274,8 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		h.b.stats.AuthDenied.Add(1)
 		return false
 	}
-	id, err := trust.Identity(tc.ConnectionState().PeerCertificates)
+	peer := tc.ConnectionState().PeerCertificates
+	id, err := trust.Identity(peer)
 	if err != nil {
 		h.b.stats.AuthDenied.Add(1)
 		h.b.log.Info("CONNECT refused", "reason", "no identity", "err", err)
@@ -219,11 +286,21 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		h.b.log.Info("CONNECT refused", "reason", "client-id-mismatch", "client_id", cl.ID, "identity", id.String())
 		return false
 	}
+	leaf := peer[0]
+	serial := leaf.SerialNumber.Text(16)
+	// Revoked between its handshake and its CONNECT.
+	if h.b.isRevoked(serial) {
+		h.b.stats.AuthDenied.Add(1)
+		h.b.log.Info("CONNECT refused", "reason", "revoked", "identity", id.String())
+		return false
+	}
 	// The CONNECT is in: mochi sets keepalive read deadlines from here on;
 	// the write deadline of the connect phase must not linger.
 	_ = tc.SetWriteDeadline(time.Time{})
+	s := &session{id: id, serial: serial}
+	s.timer = time.AfterFunc(leaf.NotAfter.Sub(h.b.opts.Now()), func() { h.b.kick(cl, "expired") })
 	h.b.mu.Lock()
-	h.b.clients[cl] = id
+	h.b.clients[cl] = s
 	h.b.mu.Unlock()
 	return true
 }
@@ -267,8 +344,28 @@ func isUp(topic string) bool {
 	return false
 }
 
+// OnDisconnect forgets the client, and for one the broker kicked out,
+// its session too: a revoked device keeps no subscriptions or queued
+// messages to come back to.
 func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	h.b.mu.Lock()
+	s := h.b.clients[cl]
 	delete(h.b.clients, cl)
 	h.b.mu.Unlock()
+	if s == nil {
+		return
+	}
+	s.timer.Stop()
+	if s.kicked != "" {
+		h.b.mqtt.UnsubscribeClient(cl)
+		cl.ClearInflights()
+		if cur, ok := h.b.mqtt.Clients.Get(cl.ID); ok && cur == cl {
+			h.b.mqtt.Clients.Delete(cl.ID)
+		}
+	}
+}
+
+// OnWillSent counts Wills published (none may come from a kicked client).
+func (h *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
+	h.b.stats.WillsSent.Add(1)
 }

@@ -451,3 +451,90 @@ func TestMosquittoClients(t *testing.T) {
 	}
 	_ = strconv.Itoa
 }
+
+// rawConnectWill connects with a Will (QoS 0) on willTopic.
+func (e *env) rawConnectWill(t *testing.T, cert tls.Certificate, id, willTopic string) *tls.Conn {
+	t.Helper()
+	c, err := tls.Dial("tcp", e.addr, e.tlsConfig(&cert))
+	if err != nil {
+		t.Fatal(err)
+	}
+	vh := []byte{0, 4, 'M', 'Q', 'T', 'T', 4, 0x02 | 0x04, 0, 30} // clean session, will flag
+	payload := append([]byte{0, byte(len(id))}, id...)
+	payload = append(payload, 0, byte(len(willTopic)))
+	payload = append(payload, willTopic...)
+	payload = append(payload, 0, 4, 'g', 'o', 'n', 'e')
+	body := append(vh, payload...)
+	if _, err := c.Write(append([]byte{0x10, byte(len(body))}, body...)); err != nil {
+		t.Fatal(err)
+	}
+	ack := make([]byte, 4)
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadAtLeast(c, ack, 4); err != nil || ack[3] != 0 {
+		t.Fatalf("CONNACK: % x, %v", ack, err)
+	}
+	return c
+}
+
+func TestRevokeWhileConnected(t *testing.T) {
+	t.Parallel()
+	e := start(t, Limits{}, nil, nil)
+	// Control: an ordinary dropped connection does publish its Will, so
+	// the counter below can see one.
+	ctl := e.rawConnectWill(t, e.leaf(e.issuer, identity.RoleDevice, "dev-c"), "dev-c", "devices/dev-c/up/status")
+	ctl.Close()
+	waitFor(t, "the control Will", func() bool { return e.b.Stats().WillsSent.Load() == 1 })
+
+	cert := e.leaf(e.issuer, identity.RoleDevice, "dev-a")
+	conn := e.rawConnectWill(t, cert, "dev-a", "devices/dev-a/up/status")
+	if _, ok := e.b.mqtt.Clients.Get("dev-a"); !ok {
+		t.Fatal("dev-a has no session")
+	}
+	start := time.Now()
+	if n := e.b.Revoke(cert.Leaf.SerialNumber.Text(16)); n != 1 {
+		t.Fatalf("Revoke disconnected %d clients", n)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(time.Second))
+	_, err := io.Copy(io.Discard, conn)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatal("the revoked client was still connected after 1 s")
+	}
+	t.Logf("revoked client disconnected in %s", time.Since(start))
+	waitFor(t, "the session to go", func() bool { _, ok := e.b.mqtt.Clients.Get("dev-a"); return !ok })
+	if n := e.b.Stats().WillsSent.Load(); n != 1 {
+		t.Fatalf("the revoked client's Will was published (%d Wills)", n)
+	}
+	if e.b.Stats().RevocationKicks.Load() != 1 {
+		t.Fatal("revocation kick not counted")
+	}
+	// And it cannot come back.
+	if c, err := e.paho(&cert, "dev-a"); err == nil {
+		c.Disconnect(0)
+		t.Fatal("a revoked certificate reconnected")
+	}
+}
+
+func TestExpiryWhileConnected(t *testing.T) {
+	t.Parallel()
+	e := start(t, Limits{}, nil, nil)
+	short := *e.issuer
+	short.Policy.Validity = map[identity.Role]time.Duration{identity.RoleDevice: time.Hour}
+	now := time.Now()
+	short.Now = func() time.Time { return now.Add(-time.Hour + 1500*time.Millisecond) }
+	cert := e.leaf(&short, identity.RoleDevice, "dev-x")
+	conn := e.rawConnectWill(t, cert, "dev-x", "devices/dev-x/up/status")
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err := io.Copy(io.Discard, conn)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatal("the client outlived its certificate by 8 s")
+	}
+	if late := time.Since(cert.Leaf.NotAfter); late < 0 || late > time.Second {
+		t.Fatalf("disconnected %s from the certificate's expiry", late)
+	}
+	waitFor(t, "the expiry kick", func() bool { return e.b.Stats().ExpiryKicks.Load() == 1 })
+	if e.b.Stats().WillsSent.Load() != 0 {
+		t.Fatal("the expired client's Will was published")
+	}
+}

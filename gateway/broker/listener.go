@@ -8,6 +8,7 @@ import (
 	"net"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -104,9 +105,10 @@ func (l *listener) forget(tc *tls.Conn) {
 	b := l.b
 	b.mu.Lock()
 	var victim *mqtt.Client
-	for cl := range b.clients {
+	for cl, s := range b.clients {
 		if cl.Net.Conn == net.Conn(tc) {
 			victim = cl
+			s.timer.Stop()
 		}
 	}
 	delete(b.clients, victim)
@@ -114,7 +116,7 @@ func (l *listener) forget(tc *tls.Conn) {
 	if victim == nil {
 		return
 	}
-	victim.Properties.Will = mqtt.Will{}
+	atomic.StoreUint32(&victim.Properties.Will.Flag, 0)
 	b.mqtt.UnsubscribeClient(victim)
 	if cur, ok := b.mqtt.Clients.Get(victim.ID); ok && cur == victim {
 		b.mqtt.Clients.Delete(victim.ID)
