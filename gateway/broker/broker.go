@@ -369,3 +369,18 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 func (h *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 	h.b.stats.WillsSent.Add(1)
 }
+
+// Info is a snapshot of the broker's connection and message counters.
+type Info struct {
+	ClientsConnected, MessagesReceived, MessagesSent int64
+}
+
+// Info reads mochi's counters atomically.
+func (b *Broker) Info() Info {
+	i := b.mqtt.Info
+	return Info{
+		ClientsConnected: atomic.LoadInt64(&i.ClientsConnected),
+		MessagesReceived: atomic.LoadInt64(&i.MessagesReceived),
+		MessagesSent:     atomic.LoadInt64(&i.MessagesSent),
+	}
+}

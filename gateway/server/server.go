@@ -1,0 +1,221 @@
+// Package server runs a gateway: the mTLS MQTT broker, the revocation
+// follower, and a plain-HTTP endpoint for Prometheus metrics, /healthz and
+// /readyz.
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.yaml.in/yaml/v3"
+
+	"fleetkey.dev/certs/pkidir"
+	"fleetkey.dev/certs/trust"
+	"fleetkey.dev/gateway/broker"
+	"fleetkey.dev/gateway/revocation"
+)
+
+// Config is the gateway's configuration (YAML and flags). The zero value
+// of every field is its default.
+type Config struct {
+	// Listen is the MQTT-over-TLS address. Default ":8883". There is no
+	// plaintext listener.
+	Listen string `yaml:"listen"`
+	// MetricsListen serves /metrics, /healthz and /readyz. Default ":9102";
+	// "off" disables it.
+	MetricsListen string `yaml:"metrics_listen"`
+	// PKIDir holds bundle.pem, gateway.crt and gateway.key from `certs
+	// init`. Default ".fleetkey/pki".
+	PKIDir string `yaml:"pki_dir"`
+	// Provisioning is the provisioning service's base URL, whose
+	// revocation feed and CRL the gateway follows, e.g.
+	// https://localhost:8443. Empty: revocations are not followed.
+	Provisioning string `yaml:"provisioning"`
+	// Limits of the broker; zero values are the broker's defaults.
+	HandshakeTimeout time.Duration `yaml:"handshake_timeout"`
+	ConnectTimeout   time.Duration `yaml:"connect_timeout"`
+	MaxPacketSize    uint32        `yaml:"max_packet_size"`
+	MaxClients       int64         `yaml:"max_clients"`
+}
+
+func (c Config) withDefaults() Config {
+	if c.Listen == "" {
+		c.Listen = ":8883"
+	}
+	if c.MetricsListen == "" {
+		c.MetricsListen = ":9102"
+	}
+	if c.PKIDir == "" {
+		c.PKIDir = ".fleetkey/pki"
+	}
+	return c
+}
+
+// LoadConfig reads a YAML file; unknown keys are an error.
+func LoadConfig(path string) (Config, error) {
+	var c Config
+	f, err := os.Open(path)
+	if err != nil {
+		return c, fmt.Errorf("reading config: %w", err)
+	}
+	defer f.Close()
+	dec := yaml.NewDecoder(f)
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
+		return c, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Validate checks the configuration and names the key at fault.
+func (c Config) Validate() error {
+	c = c.withDefaults()
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		return fmt.Errorf("config listen: %q is not host:port: %v", c.Listen, err)
+	}
+	if _, port, _ := net.SplitHostPort(c.Listen); port == "1883" {
+		return errors.New("config listen: 1883 is plaintext MQTT's port; the gateway speaks only MQTT over TLS (8883)")
+	}
+	if c.MetricsListen != "off" {
+		if _, _, err := net.SplitHostPort(c.MetricsListen); err != nil {
+			return fmt.Errorf("config metrics_listen: %q is not host:port: %v", c.MetricsListen, err)
+		}
+	}
+	if c.Provisioning != "" && !(len(c.Provisioning) > 8 && c.Provisioning[:8] == "https://") {
+		return fmt.Errorf("config provisioning: %q must be an https:// URL", c.Provisioning)
+	}
+	return nil
+}
+
+// Gateway is a configured gateway, ready to Serve.
+type Gateway struct {
+	cfg    Config
+	log    *slog.Logger
+	bundle *trust.Bundle
+	cert   tls.Certificate
+	broker *broker.Broker
+	reg    *prometheus.Registry
+	ready  atomic.Bool
+}
+
+// New loads the PKI files and builds the broker.
+func New(cfg Config, log *slog.Logger) (*Gateway, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.withDefaults()
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	bundle, err := pkidir.LoadBundle(cfg.PKIDir)
+	if err != nil {
+		return nil, err
+	}
+	cert, err := tls.LoadX509KeyPair(filepath.Join(cfg.PKIDir, "gateway.crt"), filepath.Join(cfg.PKIDir, "gateway.key"))
+	if err != nil {
+		return nil, fmt.Errorf("loading the gateway certificate: %w", err)
+	}
+	b, err := broker.New(broker.Options{Bundle: bundle, Certificate: cert, Log: log,
+		Limits: broker.Limits{HandshakeTimeout: cfg.HandshakeTimeout, ConnectTimeout: cfg.ConnectTimeout, MaxPacketSize: cfg.MaxPacketSize, MaxClients: cfg.MaxClients}})
+	if err != nil {
+		return nil, err
+	}
+	g := &Gateway{cfg: cfg, log: log, bundle: bundle, cert: cert, broker: b}
+	g.reg = g.metrics()
+	return g, nil
+}
+
+// Config returns the configuration in force.
+func (g *Gateway) Config() Config { return g.cfg }
+
+// Broker returns the broker (for tests and embedding).
+func (g *Gateway) Broker() *broker.Broker { return g.broker }
+
+// Serve runs until ctx ends: the broker on ln, metrics on mln (nil for
+// none), and the revocation follower if configured.
+func (g *Gateway) Serve(ctx context.Context, ln, mln net.Listener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 3)
+	go func() { errc <- g.broker.Serve(ctx, ln) }()
+	var msrv *http.Server
+	if mln != nil {
+		msrv = &http.Server{Handler: g.metricsHandler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second}
+		go func() { errc <- msrv.Serve(mln) }()
+	}
+	if g.cfg.Provisioning != "" {
+		f := &revocation.Follower{BaseURL: g.cfg.Provisioning, Bundle: g.bundle, Log: g.log, Revoke: func(s string) { g.broker.Revoke(s) },
+			Client: &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{
+				MinVersion: tls.VersionTLS12, RootCAs: g.bundle.RootPool(), Certificates: []tls.Certificate{g.cert}}}}}
+		go func() { errc <- f.Run(ctx) }()
+	}
+	g.ready.Store(true)
+	g.log.Info("gateway listening", "mqtts", ln.Addr().String(), "trust_domain", g.bundle.TrustDomain(), "provisioning", g.cfg.Provisioning)
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	g.ready.Store(false)
+	cancel()
+	if msrv != nil {
+		shut, c := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = msrv.Shutdown(shut)
+		c()
+	}
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}
+
+func (g *Gateway) metrics() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	st := g.broker.Stats()
+	counter := func(name, help string, v func() float64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "fleetkey_gateway_" + name, Help: help}, v)
+	}
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fleetkey_gateway_connections", Help: "MQTT clients connected."},
+			func() float64 { return float64(g.broker.Info().ClientsConnected) }),
+		counter("handshake_failures_total", "TLS handshakes refused (see the log for each reason).", func() float64 { return float64(st.HandshakeFailures.Load()) }),
+		counter("auth_denied_total", "CONNECTs refused (client id not the certificate's identity, revoked).", func() float64 { return float64(st.AuthDenied.Load()) }),
+		counter("acl_denied_total", "Publishes and subscriptions refused by the ACL.", func() float64 { return float64(st.ACLDenied.Load()) }),
+		counter("revocation_kicks_total", "Clients disconnected because their certificate was revoked.", func() float64 { return float64(st.RevocationKicks.Load()) }),
+		counter("expiry_kicks_total", "Clients disconnected when their certificate expired.", func() float64 { return float64(st.ExpiryKicks.Load()) }),
+		counter("plaintext_refused_total", "Plaintext publishes on devices/+/up/ refused.", func() float64 { return float64(st.PlaintextRefused.Load()) }),
+		counter("panics_recovered_total", "Connections whose packet panicked the decoder; closed, the gateway went on.", func() float64 { return float64(st.Panics.Load()) }),
+		counter("accept_errors_total", "Accept errors survived.", func() float64 { return float64(st.AcceptErrors.Load()) }),
+		counter("messages_received_total", "MQTT PUBLISH packets received.", func() float64 { return float64(g.broker.Info().MessagesReceived) }),
+		counter("messages_sent_total", "MQTT PUBLISH packets sent.", func() float64 { return float64(g.broker.Info().MessagesSent) }),
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	return reg
+}
+
+func (g *Gateway) metricsHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(g.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if !g.ready.Load() {
+			http.Error(w, "not serving", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ready\n"))
+	})
+	return mux
+}
