@@ -119,7 +119,7 @@ func TestRevocationEndToEnd(t *testing.T) {
 
 	gwAddr := start(gwBin, "serve", "--pki", pki, "--provisioning", provURL)
 	lost := make(chan time.Time, 1)
-	opts := paho.NewClientOptions().AddBroker("tls://"+gwAddr).SetClientID("e2e-0001").SetProtocolVersion(4).SetAutoReconnect(false).
+	opts := paho.NewClientOptions().AddBroker("tls://" + gwAddr).SetClientID("e2e-0001").SetProtocolVersion(4).SetAutoReconnect(false).
 		SetTLSConfig(&tls.Config{RootCAs: bundle.RootPool(), ServerName: "localhost",
 			Certificates: []tls.Certificate{{Certificate: [][]byte{leaf.Raw}, PrivateKey: key}}}).
 		SetConnectionLostHandler(func(paho.Client, error) { lost <- time.Now() })
