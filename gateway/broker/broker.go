@@ -49,6 +49,11 @@ type Limits struct {
 	MaxWritesPending int32
 	// MaxClients connected at once. Default 50,000.
 	MaxClients int64
+	// ConnPerSecondPerAddr bounds new connections from one IP address (a
+	// token bucket with a burst of twice as many); more are closed before
+	// the TLS handshake costs anything. Default 200: a factory NAT may put
+	// many devices behind one address.
+	ConnPerSecondPerAddr int
 }
 
 func (l Limits) withDefaults() Limits {
@@ -66,6 +71,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.MaxClients == 0 {
 		l.MaxClients = 50_000
+	}
+	if l.ConnPerSecondPerAddr == 0 {
+		l.ConnPerSecondPerAddr = 200
 	}
 	return l
 }
@@ -117,6 +125,7 @@ type Stats struct {
 	RevocationKicks   atomic.Int64
 	ExpiryKicks       atomic.Int64
 	WillsSent         atomic.Int64
+	ConnRateLimited   atomic.Int64
 }
 
 // New builds a broker; it listens once Serve is called.

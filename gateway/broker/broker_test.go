@@ -538,3 +538,20 @@ func TestExpiryWhileConnected(t *testing.T) {
 		t.Fatal("the expired client's Will was published")
 	}
 }
+
+func TestConnectionRateLimit(t *testing.T) {
+	t.Parallel()
+	e := start(t, Limits{ConnPerSecondPerAddr: 1}, nil, nil) // a burst of 2
+	cert := e.leaf(e.issuer, identity.RoleDevice, "dev-1")
+	for i := 0; i < 2; i++ {
+		c := e.mustConnect(cert, "dev-1")
+		c.Disconnect(0)
+	}
+	if c, err := e.paho(&cert, "dev-1"); err == nil {
+		c.Disconnect(0)
+		t.Fatal("a third connection in the same second got through")
+	}
+	if e.b.Stats().ConnRateLimited.Load() != 1 {
+		t.Fatalf("rate-limited connections counted: %d", e.b.Stats().ConnRateLimited.Load())
+	}
+}

@@ -18,12 +18,13 @@ import (
 // listener is fleetkey's mochi listener: TLS with deadlines, an accept
 // loop that outlives temporary errors, and a recover() per connection.
 type listener struct {
-	b    *Broker
-	ln   net.Listener
-	id   string
-	once sync.Once
-	done chan struct{}
-	wg   sync.WaitGroup
+	b     *Broker
+	rates *addrRates
+	ln    net.Listener
+	id    string
+	once  sync.Once
+	done  chan struct{}
+	wg    sync.WaitGroup
 }
 
 var _ listeners.Listener = (*listener)(nil)
@@ -34,6 +35,7 @@ func (l *listener) Protocol() string { return "mqtts" }
 
 func (l *listener) Init(*slog.Logger) error {
 	l.done = make(chan struct{})
+	l.rates = &addrRates{perSec: float64(l.b.limits.ConnPerSecondPerAddr), now: l.b.opts.Now, buckets: map[string]*bucket{}}
 	return nil
 }
 
@@ -64,6 +66,11 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 			continue
 		}
 		backoff = 0
+		if !l.rates.allow(conn.RemoteAddr()) {
+			l.b.stats.ConnRateLimited.Add(1)
+			conn.Close()
+			continue
+		}
 		l.wg.Add(1)
 		go func() {
 			defer l.wg.Done()
@@ -132,4 +139,49 @@ func (l *listener) Close(closeClients listeners.CloseFn) {
 	})
 	closeClients(l.id)
 	l.wg.Wait()
+}
+
+// addrRates is a token bucket per client IP: perSec new connections a
+// second, bursts of twice that. Idle buckets are dropped every minute.
+type addrRates struct {
+	mu      sync.Mutex
+	perSec  float64
+	now     func() time.Time
+	buckets map[string]*bucket
+	swept   time.Time
+}
+
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+func (r *addrRates) allow(addr net.Addr) bool {
+	host, _, err := net.SplitHostPort(addr.String())
+	if err != nil {
+		host = addr.String()
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now, burst := r.now(), 2*r.perSec
+	if now.Sub(r.swept) > time.Minute {
+		for k, b := range r.buckets {
+			if now.Sub(b.last) > time.Minute {
+				delete(r.buckets, k)
+			}
+		}
+		r.swept = now
+	}
+	b, ok := r.buckets[host]
+	if !ok {
+		b = &bucket{tokens: burst, last: now}
+		r.buckets[host] = b
+	}
+	b.tokens = min(burst, b.tokens+now.Sub(b.last).Seconds()*r.perSec)
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
 }

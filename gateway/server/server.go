@@ -199,6 +199,7 @@ func (g *Gateway) metrics() *prometheus.Registry {
 		counter("plaintext_refused_total", "Plaintext publishes on devices/+/up/ refused.", func() float64 { return float64(st.PlaintextRefused.Load()) }),
 		counter("panics_recovered_total", "Connections whose packet panicked the decoder; closed, the gateway went on.", func() float64 { return float64(st.Panics.Load()) }),
 		counter("accept_errors_total", "Accept errors survived.", func() float64 { return float64(st.AcceptErrors.Load()) }),
+		counter("connections_rate_limited_total", "New connections closed by the per-address rate limit.", func() float64 { return float64(st.ConnRateLimited.Load()) }),
 		counter("messages_received_total", "MQTT PUBLISH packets received.", func() float64 { return float64(g.broker.Info().MessagesReceived) }),
 		counter("messages_sent_total", "MQTT PUBLISH packets sent.", func() float64 { return float64(g.broker.Info().MessagesSent) }),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
