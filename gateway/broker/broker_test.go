@@ -30,7 +30,7 @@ import (
 var pass = &pkidir.Passphrase{Secret: []byte("gateway test passphrase"), Source: "test"}
 
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	pki    string
 	addr   string
 	b      *Broker
@@ -38,7 +38,7 @@ type env struct {
 	roots  *x509.CertPool
 }
 
-func newPKI(t *testing.T, td string) (string, *authority.Issuer) {
+func newPKI(t testing.TB, td string) (string, *authority.Issuer) {
 	t.Helper()
 	pki := filepath.Join(t.TempDir(), "pki")
 	if _, err := pkidir.Init(pki, pkidir.InitOptions{TrustDomain: td, Passphrase: pass, Options: pkidir.Options{KDFIterations: 1000}}); err != nil {
@@ -54,7 +54,7 @@ func newPKI(t *testing.T, td string) (string, *authority.Issuer) {
 // listenerFunc lets a test put a faulty net.Listener under the broker.
 type listenerFunc func(net.Listener) net.Listener
 
-func start(t *testing.T, limits Limits, wrap listenerFunc, revoked func(string) bool) *env {
+func start(t testing.TB, limits Limits, wrap listenerFunc, revoked func(string) bool) *env {
 	t.Helper()
 	pki, iss := newPKI(t, "fleet.test")
 	bundle, err := pkidir.LoadBundle(pki)
@@ -555,3 +555,5 @@ func TestConnectionRateLimit(t *testing.T) {
 		t.Fatalf("rate-limited connections counted: %d", e.b.Stats().ConnRateLimited.Load())
 	}
 }
+
+func startFuzz(f *testing.F) *env { return start(f, Limits{}, nil, nil) }
