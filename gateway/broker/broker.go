@@ -126,6 +126,31 @@ type Stats struct {
 	ExpiryKicks       atomic.Int64
 	WillsSent         atomic.Int64
 	ConnRateLimited   atomic.Int64
+
+	mu      sync.Mutex
+	reasons map[[2]string]int64 // (stage, reason) -> count
+}
+
+// refused counts a refusal at a stage (handshake, connect, acl) with its
+// reason, for the metrics' labels.
+func (s *Stats) refused(stage, reason string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.reasons == nil {
+		s.reasons = map[[2]string]int64{}
+	}
+	s.reasons[[2]string{stage, reason}]++
+}
+
+// Refusals returns the refusal counts by stage and reason.
+func (s *Stats) Refusals() map[[2]string]int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[[2]string]int64, len(s.reasons))
+	for k, v := range s.reasons {
+		out[k] = v
+	}
+	return out
 }
 
 // New builds a broker; it listens once Serve is called.
@@ -171,8 +196,13 @@ func (b *Broker) verifyConnection(cs tls.ConnectionState) error {
 		IsRevoked: func(leaf *x509.Certificate) bool { return b.isRevoked(leaf.SerialNumber.Text(16)) },
 	})
 	if err != nil {
+		reason := string(trust.ReasonOf(err))
+		if reason == "" {
+			reason = "invalid"
+		}
 		b.stats.HandshakeFailures.Add(1)
-		b.log.Info("TLS client refused", "reason", trust.ReasonOf(err), "err", err)
+		b.stats.refused("handshake", reason)
+		b.log.Info("TLS client refused", "reason", reason, "err", err)
 	}
 	return err
 }
@@ -280,27 +310,24 @@ func (h *hook) Provides(b byte) bool {
 func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	tc, ok := cl.Net.Conn.(*tls.Conn)
 	if !ok {
-		h.b.stats.AuthDenied.Add(1)
+		h.b.denyConnect("not-tls")
 		return false
 	}
 	peer := tc.ConnectionState().PeerCertificates
 	id, err := trust.Identity(peer)
 	if err != nil {
-		h.b.stats.AuthDenied.Add(1)
-		h.b.log.Info("CONNECT refused", "reason", "no identity", "err", err)
+		h.b.denyConnect("no-identity", "err", err)
 		return false
 	}
 	if cl.ID != id.Name {
-		h.b.stats.AuthDenied.Add(1)
-		h.b.log.Info("CONNECT refused", "reason", "client-id-mismatch", "client_id", cl.ID, "identity", id.String())
+		h.b.denyConnect("client-id-mismatch", "client_id", cl.ID, "identity", id.String())
 		return false
 	}
 	leaf := peer[0]
 	serial := leaf.SerialNumber.Text(16)
 	// Revoked between its handshake and its CONNECT.
 	if h.b.isRevoked(serial) {
-		h.b.stats.AuthDenied.Add(1)
-		h.b.log.Info("CONNECT refused", "reason", "revoked", "identity", id.String())
+		h.b.denyConnect("revoked", "identity", id.String())
 		return false
 	}
 	// The CONNECT is in: mochi sets keepalive read deadlines from here on;
@@ -314,6 +341,12 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	return true
 }
 
+func (b *Broker) denyConnect(reason string, args ...any) {
+	b.stats.AuthDenied.Add(1)
+	b.stats.refused("connect", reason)
+	b.log.Info("CONNECT refused", append([]any{"reason", reason}, args...)...)
+}
+
 // OnACLCheck applies the ACL table to the client's bound identity.
 func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	id, ok := h.b.identityOf(cl)
@@ -324,6 +357,7 @@ func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	d := acl.Check(id, topic, write)
 	if !d.Allowed {
 		h.b.stats.ACLDenied.Add(1)
+		h.b.stats.refused("acl", map[bool]string{true: "publish", false: "subscribe"}[write])
 		h.b.log.Info("ACL denied", "identity", id.String(), "topic", topic, "write", write, "reason", d.Reason)
 	}
 	return d.Allowed

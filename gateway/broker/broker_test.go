@@ -185,8 +185,8 @@ func TestIdentityBinding(t *testing.T) {
 	if _, err := e.paho(&svc, "other"); err == nil {
 		t.Fatal("service connected under another name")
 	}
-	if e.b.Stats().AuthDenied.Load() != 2 {
-		t.Fatalf("auth denials counted: %d", e.b.Stats().AuthDenied.Load())
+	if e.b.Stats().AuthDenied.Load() != 2 || e.b.Stats().Refusals()[[2]string{"connect", "client-id-mismatch"}] != 2 {
+		t.Fatalf("auth denials counted: %d, %v", e.b.Stats().AuthDenied.Load(), e.b.Stats().Refusals())
 	}
 }
 
@@ -201,15 +201,16 @@ func TestTLSRefusals(t *testing.T) {
 	revokedSerial.Store(revoked.Leaf.SerialNumber.Text(16))
 	gw := e.leaf(e.issuer, identity.RoleGateway, "gw-2")
 	cases := []struct {
-		name string
-		cert *tls.Certificate
-		id   string
+		name   string
+		cert   *tls.Certificate
+		id     string
+		reason string
 	}{
-		{"fail/no-certificate", nil, "dev-x"},
-		{"fail/other-ca", ptr(e.leaf(otherIss, identity.RoleDevice, "dev-x")), "dev-x"},
-		{"fail/expired", ptr(e.leaf(&expiredIss, identity.RoleDevice, "dev-x")), "dev-x"},
-		{"fail/revoked", &revoked, "dev-r"},
-		{"fail/gateway-role", &gw, "gw-2"},
+		{"fail/no-certificate", nil, "dev-x", "no-certificate"},
+		{"fail/other-ca", ptr(e.leaf(otherIss, identity.RoleDevice, "dev-x")), "dev-x", "unknown-ca"},
+		{"fail/expired", ptr(e.leaf(&expiredIss, identity.RoleDevice, "dev-x")), "dev-x", "expired"},
+		{"fail/revoked", &revoked, "dev-r", "revoked"},
+		{"fail/gateway-role", &gw, "gw-2", "wrong-role"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -218,8 +219,9 @@ func TestTLSRefusals(t *testing.T) {
 				cl.Disconnect(0)
 				t.Fatal("connected")
 			}
-			if c.cert != nil && e.b.Stats().HandshakeFailures.Load() != before+1 {
-				t.Fatal("refusal not counted")
+			waitFor(t, "the refusal to be counted", func() bool { return e.b.Stats().HandshakeFailures.Load() == before+1 })
+			if n := e.b.Stats().Refusals()[[2]string{"handshake", c.reason}]; n != 1 {
+				t.Fatalf("refusals[handshake, %s] = %d; all: %v", c.reason, n, e.b.Stats().Refusals())
 			}
 		})
 	}
@@ -557,3 +559,65 @@ func TestConnectionRateLimit(t *testing.T) {
 }
 
 func startFuzz(f *testing.F) *env { return start(f, Limits{}, nil, nil) }
+
+// TestOversizedPacket: a packet declaring more than MaxPacketSize is
+// refused from its fixed header, before a buffer is allocated or the body
+// read: the connection closes although the body never comes.
+func TestOversizedPacket(t *testing.T) {
+	t.Parallel()
+	e := start(t, Limits{MaxPacketSize: 4096}, nil, nil)
+	cert := e.leaf(e.issuer, identity.RoleDevice, "dev-big")
+	for _, c := range []struct {
+		name    string
+		connect bool
+		header  []byte
+	}{
+		{"fail/huge-connect", false, []byte{0x10, 0xff, 0xff, 0xff, 0x7f}}, // CONNECT of 256 MiB
+		{"fail/big-publish", true, []byte{0x30, 0x80, 0x80, 0x40}},         // PUBLISH of 1 MiB
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var conn *tls.Conn
+			if c.connect {
+				conn = e.rawConnect(t, cert, "dev-big", false)
+			} else {
+				var err error
+				if conn, err = tls.Dial("tcp", e.addr, e.tlsConfig(&cert)); err != nil {
+					t.Fatal(err)
+				}
+				defer conn.Close()
+			}
+			if _, err := conn.Write(c.header); err != nil {
+				t.Fatal(err)
+			}
+			_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			_, err := io.Copy(io.Discard, conn)
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				t.Fatal("the gateway waited for the oversized body instead of refusing it")
+			}
+		})
+	}
+}
+
+func TestServiceRole(t *testing.T) {
+	t.Parallel()
+	e := start(t, Limits{}, nil, nil)
+	svc := e.mustConnect(e.leaf(e.issuer, identity.RoleService, "ingest"), "ingest")
+	for _, f := range []string{"fleet/telemetry/#", "$share/workers/fleet/telemetry/+/temp"} {
+		if got := suback(t, svc, f); got != 0 {
+			t.Fatalf("service subscription %q: suback %#x", f, got)
+		}
+	}
+	for _, f := range []string{"devices/#", "#", "$SYS/#"} {
+		if got := suback(t, svc, f); got != 0x80 {
+			t.Fatalf("service subscribed to %q", f)
+		}
+	}
+	before := e.b.Stats().ACLDenied.Load()
+	if tok := svc.Publish("fleet/commands/dev-a/reboot", 1, false, "now"); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("command publish: %v", tok.Error())
+	}
+	if e.b.Stats().ACLDenied.Load() != before {
+		t.Fatal("a service command was denied")
+	}
+}

@@ -7,12 +7,15 @@ import (
 	"log/slog"
 	"net"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
+
+	"fleetkey.dev/certs/trust"
 )
 
 // listener is fleetkey's mochi listener: TLS with deadlines, an accept
@@ -96,6 +99,19 @@ func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
 	err := tc.HandshakeContext(ctx)
 	cancel()
 	if err != nil {
+		// Refusals by VerifyConnection are counted there, with their reason.
+		var ve *trust.VerifyError
+		if !errors.As(err, &ve) {
+			reason := "tls"
+			switch {
+			case errors.Is(ctx.Err(), context.DeadlineExceeded):
+				reason = "handshake-timeout"
+			case strings.Contains(err.Error(), "didn't provide a certificate"):
+				reason = "no-certificate"
+			}
+			b.stats.HandshakeFailures.Add(1)
+			b.stats.refused("handshake", reason)
+		}
 		raw.Close()
 		return
 	}

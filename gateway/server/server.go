@@ -202,9 +202,24 @@ func (g *Gateway) metrics() *prometheus.Registry {
 		counter("connections_rate_limited_total", "New connections closed by the per-address rate limit.", func() float64 { return float64(st.ConnRateLimited.Load()) }),
 		counter("messages_received_total", "MQTT PUBLISH packets received.", func() float64 { return float64(g.broker.Info().MessagesReceived) }),
 		counter("messages_sent_total", "MQTT PUBLISH packets sent.", func() float64 { return float64(g.broker.Info().MessagesSent) }),
+		refusals{st},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
 	return reg
+}
+
+// refusals exports the broker's refusal counts by stage and reason.
+type refusals struct{ st *broker.Stats }
+
+var refusalsDesc = prometheus.NewDesc("fleetkey_gateway_refusals_total",
+	"Refusals by stage (handshake, connect, acl) and reason.", []string{"stage", "reason"}, nil)
+
+func (r refusals) Describe(ch chan<- *prometheus.Desc) { ch <- refusalsDesc }
+
+func (r refusals) Collect(ch chan<- prometheus.Metric) {
+	for k, v := range r.st.Refusals() {
+		ch <- prometheus.MustNewConstMetric(refusalsDesc, prometheus.CounterValue, float64(v), k[0], k[1])
+	}
 }
 
 func (g *Gateway) metricsHandler() http.Handler {
