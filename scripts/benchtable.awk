@@ -15,7 +15,11 @@ function median(list,    n, a, i, j, t) {
 		if ($i == "ns/op") ns[key] = ns[key] " " $(i - 1)
 		if ($i == "B/op") bytes[key] = bytes[key] " " $(i - 1)
 		if ($i == "allocs/op") allocs[key] = allocs[key] " " $(i - 1)
-		if ($i ~ /^[a-z_]+\/s$|^[a-z_]+\/op$/ && $i != "ns/op" && $i != "B/op" && $i != "allocs/op") { extra[key] = extra[key] " " $(i - 1) " " $i }
+		if (i > 3 && $i !~ /^(ns\/op|B\/op|allocs\/op)$/ && $(i - 1) ~ /^[0-9.e+-]+$/ && $i !~ /^[0-9.e+-]+$/) {
+			u = key SUBSEP $i
+			if (!(u in xvals)) { xunits[key] = xunits[key] " " $i }
+			xvals[u] = xvals[u] " " $(i - 1)
+		}
 	}
 	runs[key]++
 }
@@ -28,6 +32,9 @@ END {
 		base = p[2]; sub(/\/[^\/]+$/, "", base)
 		floorkey = p[1] " " base "/floor"
 		if (base != p[2] && (floorkey in seen) && floorkey != key) ratio = sprintf("%.2fx", m / median(ns[floorkey]))
-		printf "%-20s %-42s %14.0f %12.1f %10.0f %9.0f %9s  %d\n", p[1], p[2], m, (m > 0 ? 1e9 / m : 0), median(bytes[key]), median(allocs[key]), ratio, runs[key]
+		x = ""
+		nu = split(xunits[key], us, " ")
+		for (j = 1; j <= nu; j++) x = x sprintf("  %s=%g", us[j], median(xvals[key SUBSEP us[j]]))
+		printf "%-20s %-42s %14.0f %12.1f %10.0f %9.0f %9s  %d%s\n", p[1], p[2], m, (m > 0 ? 1e9 / m : 0), median(bytes[key]), median(allocs[key]), ratio, runs[key], x
 	}
 }
