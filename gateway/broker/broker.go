@@ -116,6 +116,7 @@ type session struct {
 
 // Stats counts what the broker refused and survived, for metrics and tests.
 type Stats struct {
+	Handshakes        atomic.Int64
 	HandshakeFailures atomic.Int64
 	AuthDenied        atomic.Int64
 	ACLDenied         atomic.Int64

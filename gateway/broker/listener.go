@@ -115,6 +115,7 @@ func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
 		raw.Close()
 		return
 	}
+	b.stats.Handshakes.Add(1)
 	// mochi reads CONNECT without any deadline; it sets keepalive
 	// deadlines once the client is in.
 	_ = tc.SetDeadline(time.Now().Add(b.limits.ConnectTimeout))

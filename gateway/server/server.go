@@ -191,6 +191,7 @@ func (g *Gateway) metrics() *prometheus.Registry {
 	reg.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "fleetkey_gateway_connections", Help: "MQTT clients connected."},
 			func() float64 { return float64(g.broker.Info().ClientsConnected) }),
+		counter("handshakes_total", "TLS handshakes completed.", func() float64 { return float64(st.Handshakes.Load()) }),
 		counter("handshake_failures_total", "TLS handshakes refused (see the log for each reason).", func() float64 { return float64(st.HandshakeFailures.Load()) }),
 		counter("auth_denied_total", "CONNECTs refused (client id not the certificate's identity, revoked).", func() float64 { return float64(st.AuthDenied.Load()) }),
 		counter("acl_denied_total", "Publishes and subscriptions refused by the ACL.", func() float64 { return float64(st.ACLDenied.Load()) }),
