@@ -7,15 +7,19 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -36,6 +40,41 @@ type env struct {
 	b      *Broker
 	issuer *authority.Issuer
 	roots  *x509.CertPool
+	logs   *syncBuffer
+}
+
+// syncBuffer collects the broker's log for assertions.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// forge signs any template with the fleet's issuing CA: what a faulty or
+// compromised issuance path could produce, for the refusals the profile
+// never issues.
+func (e *env) forge(tmpl *x509.Certificate) *tls.Certificate {
+	e.t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if tmpl.SerialNumber == nil {
+		tmpl.SerialNumber, _ = authority.NewSerial(rand.Reader)
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, e.issuer.CA.Cert, key.Public(), e.issuer.CA.Signer)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return &tls.Certificate{Certificate: [][]byte{der, e.issuer.CA.Cert.Raw}, PrivateKey: key}
 }
 
 func newPKI(t testing.TB, td string) (string, *authority.Issuer) {
@@ -65,7 +104,9 @@ func start(t testing.TB, limits Limits, wrap listenerFunc, revoked func(string) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := New(Options{Bundle: bundle, Certificate: cert, Limits: limits, IsRevoked: revoked})
+	logs := &syncBuffer{}
+	b, err := New(Options{Bundle: bundle, Certificate: cert, Limits: limits, IsRevoked: revoked,
+		Log: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,7 +133,7 @@ func start(t testing.TB, limits Limits, wrap listenerFunc, revoked func(string) 
 	for _, r := range bundle.Roots() {
 		roots.AddCert(r)
 	}
-	return &env{t: t, pki: pki, addr: addr, b: b, issuer: iss, roots: roots}
+	return &env{t: t, pki: pki, addr: addr, b: b, issuer: iss, roots: roots, logs: logs}
 }
 
 // leaf issues a certificate for role/name and returns it as a TLS pair.
@@ -185,6 +226,9 @@ func TestIdentityBinding(t *testing.T) {
 	if _, err := e.paho(&svc, "other"); err == nil {
 		t.Fatal("service connected under another name")
 	}
+	if !strings.Contains(e.logs.String(), "reason=client-id-mismatch") {
+		t.Fatal("the log does not give the reason client-id-mismatch")
+	}
 	if e.b.Stats().AuthDenied.Load() != 2 || e.b.Stats().Refusals()[[2]string{"connect", "client-id-mismatch"}] != 2 {
 		t.Fatalf("auth denials counted: %d, %v", e.b.Stats().AuthDenied.Load(), e.b.Stats().Refusals())
 	}
@@ -211,6 +255,13 @@ func TestTLSRefusals(t *testing.T) {
 		{"fail/expired", ptr(e.leaf(&expiredIss, identity.RoleDevice, "dev-x")), "dev-x", "expired"},
 		{"fail/revoked", &revoked, "dev-r", "revoked"},
 		{"fail/gateway-role", &gw, "gw-2", "wrong-role"},
+		{"fail/not-yet-valid", e.forge(&x509.Certificate{Subject: pkix.Name{CommonName: "dev-f"}, URIs: []*url.URL{spiffe("device/dev-f")},
+			ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, NotBefore: now.Add(time.Hour), NotAfter: now.Add(2 * time.Hour)}), "dev-f", "not-yet-valid"},
+		{"fail/wrong-eku", e.forge(&x509.Certificate{Subject: pkix.Name{CommonName: "dev-e"}, URIs: []*url.URL{spiffe("device/dev-e")},
+			ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour)}), "dev-e", "wrong-eku"},
+		{"fail/no-spiffe-id", e.forge(&x509.Certificate{Subject: pkix.Name{CommonName: "dev-n"},
+			ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour)}), "dev-n", "bad-spiffe-id"},
+		{"fail/ca-certificate", &tls.Certificate{Certificate: [][]byte{e.issuer.CA.Cert.Raw}, PrivateKey: e.issuer.CA.Signer}, "dev-ca", "ca-certificate"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -223,11 +274,19 @@ func TestTLSRefusals(t *testing.T) {
 			if n := e.b.Stats().Refusals()[[2]string{"handshake", c.reason}]; n != 1 {
 				t.Fatalf("refusals[handshake, %s] = %d; all: %v", c.reason, n, e.b.Stats().Refusals())
 			}
+			if !strings.Contains(e.logs.String(), "reason="+c.reason) {
+				t.Fatalf("the log does not give the reason %s:\n%s", c.reason, e.logs.String())
+			}
 		})
 	}
 }
 
 var revokedSerial atomic.Value
+
+func spiffe(path string) *url.URL {
+	u, _ := url.Parse("spiffe://fleet.test/" + path)
+	return u
+}
 
 func ptr[T any](v T) *T { return &v }
 

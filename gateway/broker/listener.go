@@ -111,6 +111,7 @@ func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
 			}
 			b.stats.HandshakeFailures.Add(1)
 			b.stats.refused("handshake", reason)
+			b.log.Info("TLS handshake failed", "reason", reason, "remote", raw.RemoteAddr().String(), "err", err)
 		}
 		raw.Close()
 		return
