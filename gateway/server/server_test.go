@@ -6,6 +6,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -77,12 +78,15 @@ func TestServeAndMetrics(t *testing.T) {
 	}
 }
 
+// plaintextMQTTPort is what the gateway refuses to listen on.
+const plaintextMQTTPort = 1883
+
 func TestConfigRefusals(t *testing.T) {
 	t.Parallel()
 	for _, c := range []struct {
 		name, yaml, detail string
 	}{
-		{"fail/plaintext-port", "listen: ':1883'\n", "plaintext MQTT"},
+		{"fail/plaintext-port", fmt.Sprintf("listen: ':%d'\n", plaintextMQTTPort), "plaintext MQTT"},
 		{"fail/listen", "listen: nowhere\n", "config listen"},
 		{"fail/metrics", "metrics_listen: nowhere\n", "config metrics_listen"},
 		{"fail/provisioning-http", "provisioning: http://x:8443\n", "https://"},
