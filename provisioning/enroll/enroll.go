@@ -153,11 +153,7 @@ func (s *Service) Enroll(ctx context.Context, presented string, req Request) (*R
 	if rec.RevokePrevious {
 		ev.Reason = "re-provisioned; previous certificate " + dev.Serial + " revoked (superseded)"
 	}
-	res, err := s.issue(ctx, creq, req.CSR, keyHash, dev, exists, rec, ev)
-	if err != nil {
-		return nil, err
-	}
-	return res, nil
+	return s.issue(ctx, creq, req.CSR, keyHash, dev, exists, rec, ev)
 }
 
 // Reenroll handles simplereenroll (RFC 7030, 4.2.2): the client proves
