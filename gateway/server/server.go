@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.yaml.in/yaml/v3"
 
+	"fleetkey.dev/certs/crl"
 	"fleetkey.dev/certs/pkidir"
 	"fleetkey.dev/certs/trust"
 	"fleetkey.dev/gateway/broker"
@@ -44,6 +45,13 @@ type Config struct {
 	// revocation feed and CRL the gateway follows, e.g.
 	// https://localhost:8443. Empty: revocations are not followed.
 	Provisioning string `yaml:"provisioning"`
+	// CRLFiles are CRLs signed offline by `certs crl` (PEM or DER) that
+	// the gateway applies at start and re-reads every CRLReload: how a
+	// revoked service or admin certificate, which the provisioning
+	// registry does not hold, is shut out. Default: crl.pem and
+	// retired/issuing-*.crl in PKIDir, where they exist.
+	CRLFiles  []string      `yaml:"crl_files"`
+	CRLReload time.Duration `yaml:"crl_reload"` // default 1m
 	// Limits of the broker; zero values are the broker's defaults.
 	HandshakeTimeout time.Duration `yaml:"handshake_timeout"`
 	ConnectTimeout   time.Duration `yaml:"connect_timeout"`
@@ -60,6 +68,12 @@ func (c Config) withDefaults() Config {
 	}
 	if c.PKIDir == "" {
 		c.PKIDir = ".fleetkey/pki"
+	}
+	if c.CRLFiles == nil {
+		c.CRLFiles = []string{filepath.Join(c.PKIDir, pkidir.CRLFile), filepath.Join(c.PKIDir, pkidir.RetiredDir, "issuing-*.crl")}
+	}
+	if c.CRLReload == 0 {
+		c.CRLReload = time.Minute
 	}
 	return c
 }
@@ -162,6 +176,19 @@ func (g *Gateway) Serve(ctx context.Context, ln, mln net.Listener) error {
 				MinVersion: tls.VersionTLS12, RootCAs: g.bundle.RootPool(), Certificates: []tls.Certificate{g.cert}}}}}
 		go func() { errc <- f.Run(ctx) }()
 	}
+	g.ApplyCRLFiles()
+	go func() {
+		t := time.NewTicker(g.cfg.CRLReload)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				g.ApplyCRLFiles()
+			}
+		}
+	}()
 	g.ready.Store(true)
 	g.log.Info("gateway listening", "mqtts", ln.Addr().String(), "trust_domain", g.bundle.TrustDomain(), "provisioning", g.cfg.Provisioning)
 	var err error
@@ -235,4 +262,50 @@ func (g *Gateway) metricsHandler() http.Handler {
 		_, _ = w.Write([]byte("ready\n"))
 	})
 	return mux
+}
+
+// ApplyCRLFiles reads the configured CRL files (glob patterns), checks
+// each against the bundle's issuing CAs, and revokes every serial on them.
+// A missing file is skipped; a bad or stale one is logged and skipped, and
+// what was revoked before stays revoked. It returns how many serials it
+// applied.
+func (g *Gateway) ApplyCRLFiles() int {
+	n := 0
+	for _, pattern := range g.cfg.CRLFiles {
+		paths, err := filepath.Glob(pattern)
+		if err != nil {
+			g.log.Warn("bad CRL file pattern", "pattern", pattern, "err", err)
+			continue
+		}
+		for _, p := range paths {
+			data, err := readLimited(p, crl.MaxBytes)
+			if err != nil {
+				g.log.Warn("reading CRL", "file", p, "err", err)
+				continue
+			}
+			list, err := crl.Parse(data, g.bundle.Issuing(), time.Now())
+			if err != nil {
+				g.log.Warn("CRL refused", "file", p, "err", err)
+				continue
+			}
+			for _, e := range list.RevokedCertificateEntries {
+				g.broker.Revoke(e.SerialNumber.Text(16))
+				n++
+			}
+		}
+	}
+	return n
+}
+
+func readLimited(path string, limit int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err == nil && int64(len(b)) > limit {
+		err = fmt.Errorf("larger than %d bytes", limit)
+	}
+	return b, err
 }

@@ -6,8 +6,10 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -106,5 +108,67 @@ func TestConfigRefusals(t *testing.T) {
 	}
 	if _, err := New(Config{PKIDir: t.TempDir()}, nil); err == nil || !strings.Contains(err.Error(), "trust bundle") {
 		t.Fatalf("New without a PKI: %v", err)
+	}
+}
+
+// TestOfflineCRL: a service certificate revoked offline with the certs
+// tooling (pkidir.Revoke + WriteCRLs, as `certs crl --revoke` does) is shut
+// out by the gateway, connected or not.
+func TestOfflineCRL(t *testing.T) {
+	t.Parallel()
+	pass := &pkidir.Passphrase{Secret: []byte("gateway crl test"), Source: "test"}
+	pki := filepath.Join(t.TempDir(), "pki")
+	if _, err := pkidir.Init(pki, pkidir.InitOptions{TrustDomain: "fleet.test", Passphrase: pass, Options: pkidir.Options{KDFIterations: 1000}}); err != nil {
+		t.Fatal(err)
+	}
+	g, err := New(Config{PKIDir: pki, Listen: "127.0.0.1:0"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- g.Serve(ctx, ln, nil) }()
+	defer func() { cancel(); <-done }()
+
+	svc, err := tls.LoadX509KeyPair(filepath.Join(pki, "service.crt"), filepath.Join(pki, "service.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bundle, _ := pkidir.LoadBundle(pki)
+	lost := make(chan struct{}, 1)
+	opts := paho.NewClientOptions().AddBroker("tls://" + ln.Addr().String()).SetClientID("service").SetProtocolVersion(4).SetAutoReconnect(false).
+		SetTLSConfig(&tls.Config{RootCAs: bundle.RootPool(), ServerName: "localhost", Certificates: []tls.Certificate{svc}}).
+		SetConnectionLostHandler(func(paho.Client, error) { lost <- struct{}{} })
+	c := paho.NewClient(opts)
+	if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("service connect: %v", tok.Error())
+	}
+	leaf, _ := x509.ParseCertificate(svc.Certificate[0])
+	if _, err := pkidir.Revoke(pki, []*big.Int{leaf.SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pkidir.WriteCRLs(pki, pass, time.Hour, pkidir.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if n := g.ApplyCRLFiles(); n != 1 {
+		t.Fatalf("applied %d serials from the CRL", n)
+	}
+	select {
+	case <-lost:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the revoked service stayed connected")
+	}
+	again := paho.NewClient(opts)
+	if tok := again.Connect(); tok.WaitTimeout(10*time.Second) && tok.Error() == nil {
+		again.Disconnect(0)
+		t.Fatal("the revoked service reconnected")
+	}
+	// A damaged CRL is refused and changes nothing.
+	if err := os.WriteFile(filepath.Join(pki, pkidir.CRLFile), []byte("garbage"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if n := g.ApplyCRLFiles(); n != 0 {
+		t.Fatalf("a damaged CRL applied %d serials", n)
 	}
 }
