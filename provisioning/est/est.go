@@ -15,6 +15,7 @@ package est
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
 	"encoding/asn1"
 	"encoding/base64"
 	"errors"
@@ -64,14 +65,15 @@ type Observer interface {
 
 // Handler serves EST. Build it with New.
 type Handler struct {
-	svc      *enroll.Service
-	bundle   *trust.Bundle
-	cacerts  []byte
-	limitTok Limiter
-	limitIP  Limiter
-	obs      Observer
-	log      *slog.Logger
-	now      func() time.Time
+	svc       *enroll.Service
+	bundle    *trust.Bundle
+	cacerts   []byte
+	limitTok  Limiter
+	limitIP   Limiter
+	obs       Observer
+	isRevoked func(*x509.Certificate) bool
+	log       *slog.Logger
+	now       func() time.Time
 }
 
 // Options configures New.
@@ -82,6 +84,10 @@ type Options struct {
 	Observer                  Observer
 	Log                       *slog.Logger
 	Now                       func() time.Time
+	// IsRevoked reports certificates revoked outside the registry (the
+	// offline CRLs of `certs crl`); the registry's own are checked by the
+	// enrollment service.
+	IsRevoked func(*x509.Certificate) bool
 }
 
 // New builds the EST handler. The CA certificates it serves are the
@@ -96,7 +102,7 @@ func New(svc *enroll.Service, bundle *trust.Bundle, opts Options) (*Handler, err
 		return nil, fmt.Errorf("encoding CA certificates: %w", err)
 	}
 	h := &Handler{svc: svc, bundle: bundle, cacerts: encodeBase64(p7), limitTok: opts.TokenLimiter, limitIP: opts.AddrLimiter,
-		obs: opts.Observer, log: opts.Log, now: opts.Now}
+		obs: opts.Observer, isRevoked: opts.IsRevoked, log: opts.Log, now: opts.Now}
 	if h.log == nil {
 		h.log = slog.New(slog.DiscardHandler)
 	}
@@ -174,7 +180,7 @@ func (h *Handler) reenrollHandler(w http.ResponseWriter, r *http.Request) {
 		h.refuse(w, r, endpoint, "device:?", ref)
 		return
 	}
-	peer, err := PeerOf(r, h.bundle, h.now(), identity.RoleDevice)
+	peer, err := PeerOf(r, h.bundle, h.now(), h.isRevoked, identity.RoleDevice)
 	if err != nil {
 		h.refuse(w, r, endpoint, "device:?", enroll.NewRefusal(http.StatusForbidden, "bad-client-certificate", "%s", err.Error()))
 		return
@@ -284,12 +290,13 @@ func (h *Handler) limit(l Limiter, key string) *enroll.Refusal {
 }
 
 // PeerOf verifies the request's TLS client certificate against the bundle
-// and requires one of roles. The error is safe to show the client.
-func PeerOf(r *http.Request, bundle *trust.Bundle, now time.Time, roles ...identity.Role) (*trust.Peer, error) {
+// (and isRevoked, if set) and requires one of roles. The error is safe to
+// show the client.
+func PeerOf(r *http.Request, bundle *trust.Bundle, now time.Time, isRevoked func(*x509.Certificate) bool, roles ...identity.Role) (*trust.Peer, error) {
 	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
 		return nil, errors.New("this endpoint needs a client certificate (mutual TLS)")
 	}
-	return bundle.Verify(r.TLS.PeerCertificates, trust.VerifyOptions{Now: now, Roles: roles})
+	return bundle.Verify(r.TLS.PeerCertificates, trust.VerifyOptions{Now: now, Roles: roles, IsRevoked: isRevoked})
 }
 
 // bearerOrBasic returns the token from "Bearer <t>" or from the password

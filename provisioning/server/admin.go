@@ -59,7 +59,7 @@ func badRequest(format string, args ...any) error {
 // result as JSON or its error with the right status.
 func (s *Server) admin(fn func(*http.Request, adminCall) (any, error)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		peer, err := est.PeerOf(r, s.bundle, s.now(), identity.RoleAdmin)
+		peer, err := est.PeerOf(r, s.bundle, s.now(), s.offline.revoked, identity.RoleAdmin)
 		if err != nil {
 			s.metrics.admin.WithLabelValues("forbidden").Inc()
 			writeJSON(w, http.StatusForbidden, map[string]string{"error": "the admin API needs an admin certificate: " + err.Error()})

@@ -3,18 +3,23 @@ package server
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/big"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	"fleetkey.dev/certs/authority"
 	"fleetkey.dev/certs/crl"
 	"fleetkey.dev/certs/identity"
+	"fleetkey.dev/certs/pkidir"
 	"fleetkey.dev/provisioning/est"
 	"fleetkey.dev/provisioning/registry"
 )
@@ -128,7 +133,7 @@ const feedPoll = 250 * time.Millisecond
 // each as "id: <seq>", "event: revoked", "data: <json>", and a comment line
 // every 15 s so idle connections stay open and dead ones are found.
 func (s *Server) serveFeed(w http.ResponseWriter, r *http.Request) {
-	if _, err := est.PeerOf(r, s.bundle, s.now(), identity.RoleGateway); err != nil {
+	if _, err := est.PeerOf(r, s.bundle, s.now(), s.offline.revoked, identity.RoleGateway); err != nil {
 		http.Error(w, err.Error(), http.StatusForbidden)
 		return
 	}
@@ -210,4 +215,56 @@ func (s *Server) write(rc *http.ResponseController, w http.ResponseWriter, b []b
 		return false
 	}
 	return rc.Flush() == nil
+}
+
+// offlineCRLs holds the serials on the CRLs that `certs crl` signs offline
+// (crl.pem and retired/issuing-*.crl in the PKI directory): how an admin,
+// service or gateway certificate, which the registry does not hold, is
+// revoked. They are re-read every minute; a damaged or stale file is logged
+// and skipped, and what was revoked stays revoked.
+type offlineCRLs struct {
+	mu      sync.RWMutex
+	serials map[string]struct{}
+}
+
+func (o *offlineCRLs) revoked(c *x509.Certificate) bool {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	_, ok := o.serials[c.SerialNumber.Text(16)]
+	return ok
+}
+
+// reload reads the offline CRLs of pkiDir and returns how many serials
+// they list.
+func (o *offlineCRLs) reload(pkiDir string, issuing []*x509.Certificate, now time.Time, log *slog.Logger) int {
+	paths, _ := filepath.Glob(filepath.Join(pkiDir, pkidir.RetiredDir, "issuing-*.crl"))
+	paths = append(paths, filepath.Join(pkiDir, pkidir.CRLFile))
+	n := 0
+	for _, p := range paths {
+		data, err := os.ReadFile(p)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err == nil && len(data) > crl.MaxBytes {
+			err = fmt.Errorf("larger than %d bytes", crl.MaxBytes)
+		}
+		var list *crl.List
+		if err == nil {
+			list, err = crl.Parse(data, issuing, now)
+		}
+		if err != nil {
+			log.Warn("offline CRL skipped", "file", p, "err", err)
+			continue
+		}
+		o.mu.Lock()
+		if o.serials == nil {
+			o.serials = map[string]struct{}{}
+		}
+		for _, e := range list.RevokedCertificateEntries {
+			o.serials[e.SerialNumber.Text(16)] = struct{}{}
+			n++
+		}
+		o.mu.Unlock()
+	}
+	return n
 }

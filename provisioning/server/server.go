@@ -46,6 +46,7 @@ type Server struct {
 	handler  http.Handler
 	metrics  *metrics
 	notify   *notifier
+	offline  offlineCRLs
 	now      func() time.Time
 	closeMu  sync.Mutex
 	closedDB bool
@@ -106,7 +107,9 @@ func New(ctx context.Context, cfg Config, opts Options) (*Server, error) {
 	}
 	s.metrics = newMetrics()
 	s.enroll = &enroll.Service{Store: s.store, Issuer: s.issuer, Bundle: bundle, Log: s.log, Now: s.now}
+	s.offline.reload(cfg.PKIDir, bundle.Issuing(), s.now(), s.log)
 	estH, err := est.New(s.enroll, bundle, est.Options{
+		IsRevoked:    s.offline.revoked,
 		TokenLimiter: newRateLimiter(cfg.Limits.EnrollPerMinutePerToken, s.now),
 		AddrLimiter:  newRateLimiter(cfg.Limits.EnrollPerMinutePerAddr, s.now),
 		Observer:     s.metrics, Log: s.log, Now: s.now,
@@ -191,6 +194,18 @@ func (s *Server) Serve(ctx context.Context, ln, mln net.Listener) error {
 		servers = append(servers, msrv)
 		go func() { errc <- msrv.Serve(mln) }()
 	}
+	go func() {
+		t := time.NewTicker(time.Minute)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				s.offline.reload(s.cfg.PKIDir, s.bundle.Issuing(), s.now(), s.log)
+			}
+		}
+	}()
 	s.log.Info("provisioning service listening", "https", ln.Addr().String(), "trust_domain", s.bundle.TrustDomain(), "issuing_ca", s.issuing.Cert.Subject.CommonName)
 	var err error
 	select {

@@ -14,9 +14,11 @@ import (
 	"encoding/asn1"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -714,5 +716,35 @@ func TestHealthAndMetrics(t *testing.T) {
 		if rec.Code != 200 {
 			t.Errorf("%s = %d", path, rec.Code)
 		}
+	}
+}
+
+// TestOfflineRevocation: an admin certificate revoked offline with the
+// certs tooling (as `certs crl --revoke` does) no longer opens the admin API.
+func TestOfflineRevocation(t *testing.T) {
+	t.Parallel()
+	e := startEnv(t, nil)
+	admin := e.fileClient("admin")
+	if r := e.get(admin, "/admin/v1/devices"); r.status != 200 {
+		t.Fatalf("admin before revocation: %d", r.status)
+	}
+	pemBytes, _ := os.ReadFile(filepath.Join(e.pki, "admin.crt"))
+	block, _ := pem.Decode(pemBytes)
+	leaf, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pkidir.Revoke(e.pki, []*big.Int{leaf.SerialNumber}, "keyCompromise", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pkidir.WriteCRLs(e.pki, pass, time.Hour, pkidir.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if n := e.srv.offline.reload(e.pki, e.srv.bundle.Issuing(), time.Now(), e.srv.log); n != 1 {
+		t.Fatalf("offline CRLs listed %d serials", n)
+	}
+	r := e.get(e.fileClient("admin"), "/admin/v1/devices")
+	if r.status != 403 || !strings.Contains(string(r.body), "revoked") {
+		t.Fatalf("revoked admin: %d %s", r.status, r.body)
 	}
 }
