@@ -49,6 +49,12 @@ type Limits struct {
 	MaxWritesPending int32
 	// MaxClients connected at once. Default 50,000.
 	MaxClients int64
+	// BufferSize of each client's read and write buffers in mochi. Device
+	// packets are a few hundred bytes, and at tens of thousands of
+	// connections these buffers are a large part of what each costs, so the
+	// default is 512 bytes (mochi's is 2 KiB); raise it for clients that
+	// stream large messages.
+	BufferSize int
 	// ConnPerSecondPerAddr bounds new connections from one IP address (a
 	// token bucket with a burst of twice as many); more are closed before
 	// the TLS handshake costs anything. Default 200: a factory NAT may put
@@ -71,6 +77,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.MaxClients == 0 {
 		l.MaxClients = 50_000
+	}
+	if l.BufferSize == 0 {
+		l.BufferSize = 512
 	}
 	if l.ConnPerSecondPerAddr == 0 {
 		l.ConnPerSecondPerAddr = 200
@@ -171,11 +180,8 @@ func New(opts Options) (*Broker, error) {
 	caps.MaximumClientWritesPending = b.limits.MaxWritesPending
 	caps.MaximumClients = b.limits.MaxClients
 	caps.MaximumSessionExpiryInterval = 24 * 60 * 60
-	// 1 KiB socket buffers instead of mochi's 2 KiB: device packets are a
-	// few hundred bytes, and at tens of thousands of connections the
-	// buffers are a large part of what each costs.
 	b.mqtt = mqtt.New(&mqtt.Options{Capabilities: caps, Logger: opts.Log.With("component", "mochi"), InlineClient: true,
-		ClientNetReadBufferSize: 1024, ClientNetWriteBufferSize: 1024})
+		ClientNetReadBufferSize: b.limits.BufferSize, ClientNetWriteBufferSize: b.limits.BufferSize})
 	if err := b.mqtt.AddHook(&hook{b: b}, nil); err != nil {
 		return nil, err
 	}

@@ -140,7 +140,10 @@ func newBenchFleet(b *testing.B, n int) *benchFleet {
 		if err != nil {
 			b.Fatal(err)
 		}
-		f.certs = append(f.certs, tls.Certificate{Certificate: [][]byte{c.Raw, ca.Cert.Raw}, PrivateKey: key})
+		// Devices present their leaf alone: EST hands them only the leaf
+		// (the CA certificates come from cacerts), and the gateway builds
+		// the chain from its bundle.
+		f.certs = append(f.certs, tls.Certificate{Certificate: [][]byte{c.Raw}, PrivateKey: key})
 	}
 	return f
 }

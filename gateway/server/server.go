@@ -57,6 +57,7 @@ type Config struct {
 	ConnectTimeout   time.Duration `yaml:"connect_timeout"`
 	MaxPacketSize    uint32        `yaml:"max_packet_size"`
 	MaxClients       int64         `yaml:"max_clients"`
+	BufferSize       int           `yaml:"buffer_size"`
 }
 
 func (c Config) withDefaults() Config {
@@ -143,7 +144,7 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 		return nil, fmt.Errorf("loading the gateway certificate: %w", err)
 	}
 	b, err := broker.New(broker.Options{Bundle: bundle, Certificate: cert, Log: log,
-		Limits: broker.Limits{HandshakeTimeout: cfg.HandshakeTimeout, ConnectTimeout: cfg.ConnectTimeout, MaxPacketSize: cfg.MaxPacketSize, MaxClients: cfg.MaxClients}})
+		Limits: broker.Limits{HandshakeTimeout: cfg.HandshakeTimeout, ConnectTimeout: cfg.ConnectTimeout, MaxPacketSize: cfg.MaxPacketSize, MaxClients: cfg.MaxClients, BufferSize: cfg.BufferSize}})
 	if err != nil {
 		return nil, err
 	}
