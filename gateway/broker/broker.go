@@ -309,7 +309,7 @@ func (h *hook) ID() string { return "fleetkey" }
 
 func (h *hook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnWillSent:
+	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnWillSent, mqtt.OnPacketRead:
 		return true
 	}
 	return false
@@ -372,6 +372,28 @@ func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 		h.b.log.Info("ACL denied", "identity", id.String(), "topic", topic, "write", write, "reason", d.Reason)
 	}
 	return d.Allowed
+}
+
+// OnPacketRead answers a QoS 1 PUBLISH from an MQTT 3.1.1 client that the
+// ACL will refuse. MQTT 3.1.1 has no negative PUBACK: a server must either
+// acknowledge and drop, or close the connection [MQTT-3.3.5-2], and mochi
+// closes it, so one device with a wrong topic in its configuration would
+// reconnect in a loop. Here the PUBACK goes out, the packet continues as
+// QoS 0, and mochi's ACL check drops it (and counts it) without a word.
+func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Qos != 1 || cl.Properties.ProtocolVersion == 5 {
+		return pk, nil
+	}
+	id, ok := h.b.identityOf(cl)
+	if ok && acl.Check(id, pk.TopicName, true).Allowed {
+		return pk, nil
+	}
+	ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID}
+	if err := cl.WritePacket(ack); err != nil {
+		return pk, err
+	}
+	pk.FixedHeader.Qos, pk.PacketID = 0, 0 // a QoS 0 packet carries no id
+	return pk, nil
 }
 
 // OnPublish refuses plaintext device telemetry: until session keys land,

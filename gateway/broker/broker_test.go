@@ -690,3 +690,30 @@ func TestServiceRole(t *testing.T) {
 		t.Fatal("a service command was denied")
 	}
 }
+
+// TestDeniedQoS1From311: MQTT 3.1.1 has no negative PUBACK. A QoS 1 publish
+// the ACL refuses is acknowledged and dropped, and the client stays
+// connected (bare mochi disconnects it, which makes a misconfigured device
+// reconnect in a loop).
+func TestDeniedQoS1From311(t *testing.T) {
+	t.Parallel()
+	e := start(t, Limits{}, nil, nil)
+	a := e.mustConnect(e.leaf(e.issuer, identity.RoleDevice, "dev-a"), "dev-a")
+	before := e.b.Stats().ACLDenied.Load()
+	tok := a.Publish("devices/dev-b/up/x", 1, false, "not mine")
+	if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("the denied QoS 1 publish was not acknowledged: %v", tok.Error())
+	}
+	// Still connected and still served: an allowed QoS 1 publish goes
+	// through. The connection's packets are handled in order, so once its
+	// PUBACK is back, the denied one has been judged.
+	if tok := a.Publish("devices/dev-a/kex/req", 1, false, "hello"); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("allowed publish after the denied one: %v", tok.Error())
+	}
+	if n := e.b.Stats().ACLDenied.Load(); n != before+1 {
+		t.Fatalf("the denial was counted %d times", n-before)
+	}
+	if !a.IsConnectionOpen() {
+		t.Fatal("the client was disconnected")
+	}
+}
