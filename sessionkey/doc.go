@@ -1,9 +1,13 @@
-// Package sessionkey will implement fkx1, fleetkey's session-key protocol:
-// a signed ECDH handshake between device and gateway, per-direction traffic
+// Package sessionkey implements fkx1, fleetkey's session-key protocol: a
+// signed ECDH handshake between device and gateway, per-direction traffic
 // keys with a generation ratchet, the envelope and its replay window. The
-// byte-level specification is ../shared/FKX1.md (kept as SPEC.md here once
-// the code lands).
+// byte-level specification is ../shared/FKX1.md.
 //
-// Nothing is implemented yet (issue 5); the package exists so the
-// workspace has its final shape.
+// Built so far (issue 5, first step): the key schedule below the master
+// secret (HKDF labels, TS[x,g], key and iv per generation), the envelope
+// with its sender (generation jumps, the 4-generation and 2^32 limits) and
+// its receiver (1024-message window, forward derivation of at most 4
+// generations, commit only on a verified tag, wiping of spent secrets).
+// Not yet: the handshake messages and state machines, credentials,
+// suites 1 and 2, and the known-answer vectors.
 package sessionkey
