@@ -8,7 +8,9 @@
 // with its sender (generation jumps, the 4-generation and 2^32 limits) and
 // its receiver (1024-message window, forward derivation of at most 4
 // generations, commit only on a verified tag, wiping of spent secrets), and
-// credentials (chain and reference, with their limits).
-// Not yet: the handshake messages and state machines,
+// credentials (chain and reference, with their limits), signatures through
+// crypto.Signer, and the transcript and key derivation (TH1 to TH4, PRK,
+// finish values, MS, kid).
+// Not yet: the handshake message codecs and state machines,
 // suites 1 and 2, and the known-answer vectors.
 package sessionkey
