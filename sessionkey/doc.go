@@ -10,7 +10,7 @@
 // generations, commit only on a verified tag, wiping of spent secrets), and
 // credentials (chain and reference, with their limits), signatures through
 // crypto.Signer, and the transcript and key derivation (TH1 to TH4, PRK,
-// finish values, MS, kid).
-// Not yet: the handshake message codecs and state machines,
-// suites 1 and 2, and the known-answer vectors.
+// finish values, MS, kid), and the message codecs (msg1 to msg3, hint).
+// Not yet: the key exchange of suites 1 and 2, the state machines,
+// and the known-answer vectors.
 package sessionkey
