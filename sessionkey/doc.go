@@ -10,7 +10,8 @@
 // generations, commit only on a verified tag, wiping of spent secrets), and
 // credentials (chain and reference, with their limits), signatures through
 // crypto.Signer, and the transcript and key derivation (TH1 to TH4, PRK,
-// finish values, MS, kid), and the message codecs (msg1 to msg3, hint).
-// Not yet: the key exchange of suites 1 and 2, the state machines,
+// finish values, MS, kid), the message codecs (msg1 to msg3, hint), and the
+// key exchange of suite 1 (X25519) and suite 2 (X25519MLKEM768).
+// Not yet: the initiator and responder state machines,
 // and the known-answer vectors.
 package sessionkey
