@@ -66,24 +66,28 @@ type Msg1 struct {
 	Share []byte
 }
 
+// Signed is what msg2 and msg3 end with: the sender's credential, its
+// signature and its finish value. Star is the message up to and including
+// the credential (msg2* or msg3* of the transcript).
+type Signed struct {
+	Cred     *Credential
+	Sig, Fin []byte
+	Star     []byte
+}
+
 // Msg2 answers it (gateway to device).
 type Msg2 struct {
 	Suite      Suite
 	SidD, SidG SID
 	Share      []byte
-	Cred       *Credential
-	Sig, Fin   []byte
-	// Star is msg2 up to and including cred_G (msg2* of the transcript).
-	Star []byte
+	Signed
 }
 
 // Msg3 completes it (device to gateway).
 type Msg3 struct {
 	Suite      Suite
 	SidD, SidG SID
-	Cred       *Credential
-	Sig, Fin   []byte
-	Star       []byte // msg3*
+	Signed
 }
 
 // Marshal encodes msg1.
@@ -126,38 +130,47 @@ func ParseMsg1(b []byte) (*Msg1, error) {
 	return m, nil
 }
 
-// marshalTail appends cred, lp(sig) and fin, and returns the message and
-// the length of its starred prefix.
-func marshalTail(out []byte, cred, sig, fin []byte) ([]byte, int, error) {
-	if len(sig) == 0 || len(sig) > maxSigSize || len(fin) != finSize {
-		return nil, 0, fmt.Errorf("%w: signature of %d or finish of %d bytes", ErrMessage, len(sig), len(fin))
+// marshalSigned appends sid_D ‖ sid_G ‖ share ‖ cred ‖ lp(sig) ‖ fin to
+// the header of type typ, and sets sg.Star.
+func marshalSigned(typ byte, suite Suite, sidD, sidG SID, share, cred []byte, sg *Signed) ([]byte, error) {
+	if len(sg.Sig) == 0 || len(sg.Sig) > maxSigSize || len(sg.Fin) != finSize {
+		return nil, fmt.Errorf("%w: signature of %d or finish of %d bytes", ErrMessage, len(sg.Sig), len(sg.Fin))
 	}
-	out = append(out, cred...)
+	out := append([]byte{protocolVersion, typ, byte(suite)}, sidD[:]...)
+	out = append(append(append(out, sidG[:]...), share...), cred...)
 	star := len(out)
-	out = lp(out, sig)
-	out = append(out, fin...)
+	out = lp(out, sg.Sig)
+	out = append(out, sg.Fin...)
 	if len(out) > MaxKexMessage {
-		return nil, 0, fmt.Errorf("%w: %d bytes", ErrMessage, len(out))
+		return nil, fmt.Errorf("%w: %d bytes", ErrMessage, len(out))
 	}
-	return out, star, nil
+	sg.Star = out[:star]
+	return out, nil
 }
 
-// parseTail reads cred, lp(sig) and fin, refusing trailing bytes, and
-// returns them with the length of the starred prefix.
-func parseTail(b []byte, off int) (*Credential, []byte, []byte, int, error) {
+// parseSigned reads sid_D ‖ sid_G ‖ share(shareLen) ‖ cred ‖ lp(sig) ‖ fin
+// after the header, refusing trailing bytes.
+func parseSigned(b []byte, shareLen int) (sidD, sidG SID, share []byte, sg Signed, err error) {
+	off := 3 + 2*sidSize + shareLen
+	if len(b) < off {
+		return sidD, sidG, nil, sg, fmt.Errorf("%w: short message", ErrMessage)
+	}
+	copy(sidD[:], b[3:])
+	copy(sidG[:], b[3+sidSize:])
+	share = b[3+2*sidSize : off]
 	cred, rest, err := ParseCredential(b[off:])
 	if err != nil {
-		return nil, nil, nil, 0, err
+		return sidD, sidG, nil, sg, err
 	}
-	star := len(b) - len(rest)
 	if len(rest) < 2 {
-		return nil, nil, nil, 0, fmt.Errorf("%w: no signature", ErrMessage)
+		return sidD, sidG, nil, sg, fmt.Errorf("%w: no signature", ErrMessage)
 	}
 	n := int(binary.BigEndian.Uint16(rest))
 	if n == 0 || n > maxSigSize || len(rest) != 2+n+finSize {
-		return nil, nil, nil, 0, fmt.Errorf("%w: bad signature or finish length, or trailing bytes", ErrMessage)
+		return sidD, sidG, nil, sg, fmt.Errorf("%w: bad signature or finish length, or trailing bytes", ErrMessage)
 	}
-	return cred, rest[2 : 2+n], rest[2+n:], star, nil
+	sg = Signed{Cred: cred, Sig: rest[2 : 2+n], Fin: rest[2+n:], Star: b[:len(b)-len(rest)]}
+	return sidD, sidG, share, sg, nil
 }
 
 // Marshal encodes msg2; cred is the encoded credential.
@@ -166,14 +179,7 @@ func (m *Msg2) Marshal(cred []byte) ([]byte, error) {
 	if !ok || len(m.Share) != g {
 		return nil, fmt.Errorf("%w: suite %d with a %d-byte share", ErrMessage, m.Suite, len(m.Share))
 	}
-	out := append([]byte{protocolVersion, typeMsg2, byte(m.Suite)}, m.SidD[:]...)
-	out = append(append(out, m.SidG[:]...), m.Share...)
-	out, star, err := marshalTail(out, cred, m.Sig, m.Fin)
-	if err != nil {
-		return nil, err
-	}
-	m.Star = out[:star]
-	return out, nil
+	return marshalSigned(typeMsg2, m.Suite, m.SidD, m.SidG, m.Share, cred, &m.Signed)
 }
 
 // ParseMsg2 reads msg2.
@@ -183,18 +189,10 @@ func ParseMsg2(b []byte) (*Msg2, error) {
 		return nil, err
 	}
 	_, g, _ := shareSizes(s)
-	off := 3 + 2*sidSize + g
-	if len(b) < off {
-		return nil, fmt.Errorf("%w: short msg2", ErrMessage)
-	}
-	m := &Msg2{Suite: s, Share: b[3+2*sidSize : off]}
-	copy(m.SidD[:], b[3:])
-	copy(m.SidG[:], b[3+sidSize:])
-	var star int
-	if m.Cred, m.Sig, m.Fin, star, err = parseTail(b, off); err != nil {
+	m := &Msg2{Suite: s}
+	if m.SidD, m.SidG, m.Share, m.Signed, err = parseSigned(b, g); err != nil {
 		return nil, err
 	}
-	m.Star = b[:star]
 	return m, nil
 }
 
@@ -203,14 +201,7 @@ func (m *Msg3) Marshal(cred []byte) ([]byte, error) {
 	if _, _, ok := shareSizes(m.Suite); !ok {
 		return nil, fmt.Errorf("%w: unknown suite %d", ErrMessage, m.Suite)
 	}
-	out := append([]byte{protocolVersion, typeMsg3, byte(m.Suite)}, m.SidD[:]...)
-	out = append(out, m.SidG[:]...)
-	out, star, err := marshalTail(out, cred, m.Sig, m.Fin)
-	if err != nil {
-		return nil, err
-	}
-	m.Star = out[:star]
-	return out, nil
+	return marshalSigned(typeMsg3, m.Suite, m.SidD, m.SidG, nil, cred, &m.Signed)
 }
 
 // ParseMsg3 reads msg3.
@@ -219,18 +210,10 @@ func ParseMsg3(b []byte) (*Msg3, error) {
 	if err != nil {
 		return nil, err
 	}
-	off := 3 + 2*sidSize
-	if len(b) < off {
-		return nil, fmt.Errorf("%w: short msg3", ErrMessage)
-	}
 	m := &Msg3{Suite: s}
-	copy(m.SidD[:], b[3:])
-	copy(m.SidG[:], b[3+sidSize:])
-	var star int
-	if m.Cred, m.Sig, m.Fin, star, err = parseTail(b, off); err != nil {
+	if m.SidD, m.SidG, _, m.Signed, err = parseSigned(b, 0); err != nil {
 		return nil, err
 	}
-	m.Star = b[:star]
 	return m, nil
 }
 

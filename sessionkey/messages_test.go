@@ -22,7 +22,7 @@ func TestMessages(t *testing.T) {
 		if err != nil || p1.SidD != m1.SidD || !bytes.Equal(p1.Share, m1.Share) {
 			t.Fatalf("msg1 suite %d: %v", suite, err)
 		}
-		m2 := &Msg2{Suite: suite, SidD: SID{1}, SidG: SID{2}, Share: bytes.Repeat([]byte{2}, g), Sig: sig, Fin: fin}
+		m2 := &Msg2{Suite: suite, SidD: SID{1}, SidG: SID{2}, Share: bytes.Repeat([]byte{2}, g), Signed: Signed{Sig: sig, Fin: fin}}
 		b2, err := m2.Marshal(cred)
 		if err != nil {
 			t.Fatal(err)
@@ -34,7 +34,7 @@ func TestMessages(t *testing.T) {
 		if !bytes.HasSuffix(p2.Star, cred) {
 			t.Fatal("msg2* does not end with cred_G")
 		}
-		m3 := &Msg3{Suite: suite, SidD: SID{1}, SidG: SID{2}, Sig: sig, Fin: fin}
+		m3 := &Msg3{Suite: suite, SidD: SID{1}, SidG: SID{2}, Signed: Signed{Sig: sig, Fin: fin}}
 		b3, err := m3.Marshal(cred)
 		if err != nil {
 			t.Fatal(err)
@@ -85,8 +85,8 @@ func TestMessages(t *testing.T) {
 
 func FuzzParseMessages(f *testing.F) {
 	cred, _ := AppendChain(nil, [][]byte{[]byte("leaf")})
-	b2, _ := (&Msg2{Suite: Suite1, Share: make([]byte, 32), Sig: make([]byte, 64), Fin: make([]byte, 16)}).Marshal(cred)
-	b3, _ := (&Msg3{Suite: Suite1, Sig: make([]byte, 64), Fin: make([]byte, 16)}).Marshal(cred)
+	b2, _ := (&Msg2{Suite: Suite1, Share: make([]byte, 32), Signed: Signed{Sig: make([]byte, 64), Fin: make([]byte, 16)}}).Marshal(cred)
+	b3, _ := (&Msg3{Suite: Suite1, Signed: Signed{Sig: make([]byte, 64), Fin: make([]byte, 16)}}).Marshal(cred)
 	b1, _ := (&Msg1{Suite: Suite1, Share: make([]byte, 32)}).Marshal()
 	for _, b := range [][]byte{b1, b2, b3, MarshalHint(KID{})} {
 		f.Add(b)

@@ -25,10 +25,11 @@ import (
 	"fleetkey.dev/certs/pkidir"
 )
 
-func TestServeAndMetrics(t *testing.T) {
-	t.Parallel()
-	pass := &pkidir.Passphrase{Secret: []byte("gateway server test"), Source: "test"}
-	pki := filepath.Join(t.TempDir(), "pki")
+// newGateway makes a fleet PKI and a gateway on it.
+func newGateway(t *testing.T) (pki string, pass *pkidir.Passphrase, g *Gateway) {
+	t.Helper()
+	pass = &pkidir.Passphrase{Secret: []byte("gateway server test"), Source: "test"}
+	pki = filepath.Join(t.TempDir(), "pki")
 	if _, err := pkidir.Init(pki, pkidir.InitOptions{TrustDomain: "fleet.test", Passphrase: pass, Options: pkidir.Options{KDFIterations: 1000}}); err != nil {
 		t.Fatal(err)
 	}
@@ -36,6 +37,12 @@ func TestServeAndMetrics(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return pki, pass, g
+}
+
+func TestServeAndMetrics(t *testing.T) {
+	t.Parallel()
+	pki, pass, g := newGateway(t)
 	ln, _ := net.Listen("tcp", "127.0.0.1:0")
 	mln, _ := net.Listen("tcp", "127.0.0.1:0")
 	ctx, cancel := context.WithCancel(context.Background())
@@ -116,15 +123,7 @@ func TestConfigRefusals(t *testing.T) {
 // out by the gateway, connected or not.
 func TestOfflineCRL(t *testing.T) {
 	t.Parallel()
-	pass := &pkidir.Passphrase{Secret: []byte("gateway crl test"), Source: "test"}
-	pki := filepath.Join(t.TempDir(), "pki")
-	if _, err := pkidir.Init(pki, pkidir.InitOptions{TrustDomain: "fleet.test", Passphrase: pass, Options: pkidir.Options{KDFIterations: 1000}}); err != nil {
-		t.Fatal(err)
-	}
-	g, err := New(Config{PKIDir: pki, Listen: "127.0.0.1:0"}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pki, pass, g := newGateway(t)
 	ln, _ := net.Listen("tcp", "127.0.0.1:0")
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

@@ -173,20 +173,6 @@ func (m *memStore) certsWhere(keep func(Certificate) bool) []Certificate {
 	return out
 }
 
-func (m *memStore) FindIssued(ctx context.Context, tokenID, deviceID, requestHash string) (Certificate, error) {
-	if err := m.lock(ctx); err != nil {
-		return Certificate{}, err
-	}
-	defer m.mu.Unlock()
-	found := m.certsWhere(func(c Certificate) bool {
-		return c.TokenID == tokenID && c.DeviceID == deviceID && c.RequestHash == requestHash
-	})
-	if len(found) == 0 {
-		return Certificate{}, fmt.Errorf("issued certificate of %q: %w", deviceID, ErrNotFound)
-	}
-	return slices.MaxFunc(found, byCreated), nil
-}
-
 func (m *memStore) RecordIssue(ctx context.Context, rec IssueRecord) error {
 	if err := checkIssue(rec); err != nil {
 		return err

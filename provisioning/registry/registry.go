@@ -74,8 +74,9 @@ type Certificate struct {
 	// PublicKeyHash is the SHA-256 of the SubjectPublicKeyInfo (hex): the
 	// same key gives the same hash, whatever certificate carries it.
 	PublicKeyHash string
-	// RequestHash is the SHA-256 of the CSR DER (hex), for idempotent
-	// retries of the same enrollment.
+	// RequestHash is the SHA-256 of the CSR DER (hex), for the record.
+	// Retries are recognised by PublicKeyHash: a retried ECDSA CSR is never
+	// the same bytes.
 	RequestHash string
 	// TokenID is the token that paid for it; empty for renewals.
 	TokenID   string
@@ -189,9 +190,6 @@ type Store interface {
 	GetCertificate(ctx context.Context, serial string) (Certificate, error)
 	// ListCertificates returns a device's certificates, oldest first.
 	ListCertificates(ctx context.Context, deviceID string) ([]Certificate, error)
-	// FindIssued returns the certificate issued to deviceID for the CSR
-	// with requestHash, paid for by tokenID, for idempotent retries.
-	FindIssued(ctx context.Context, tokenID, deviceID, requestHash string) (Certificate, error)
 
 	// RecordIssue commits an issued certificate; see IssueRecord.
 	RecordIssue(ctx context.Context, rec IssueRecord) error

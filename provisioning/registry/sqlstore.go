@@ -157,7 +157,6 @@ CREATE TABLE certificates (
 	CHECK ((revoked_at IS NULL) = (revocation_seq IS NULL))
 );
 CREATE INDEX certificates_device ON certificates (device_id, created_at);
-CREATE INDEX certificates_issued ON certificates (token_id, device_id, request_hash);
 CREATE INDEX certificates_crl ON certificates (not_after) WHERE revoked_at IS NOT NULL;
 
 CREATE TABLE audit (
@@ -609,18 +608,6 @@ func (s *sqlStore) ListCertificates(ctx context.Context, deviceID string) ([]Cer
 		return nil, fmt.Errorf("listing certificates of %q: %w", deviceID, err)
 	}
 	return out, nil
-}
-
-func (s *sqlStore) FindIssued(ctx context.Context, tokenID, deviceID, requestHash string) (Certificate, error) {
-	out, err := s.certs(ctx, s.r, 0, `WHERE token_id = ? AND device_id = ? AND request_hash = ? ORDER BY created_at DESC, serial DESC LIMIT 1`,
-		tokenID, deviceID, requestHash)
-	switch {
-	case err != nil:
-		return Certificate{}, fmt.Errorf("finding issued certificate of %q: %w", deviceID, err)
-	case len(out) == 0:
-		return Certificate{}, fmt.Errorf("issued certificate of %q: %w", deviceID, ErrNotFound)
-	}
-	return out[0], nil
 }
 
 // RecordIssue, in one transaction: spend the token use, compare-and-set

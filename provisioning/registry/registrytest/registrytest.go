@@ -51,7 +51,6 @@ func cases() []testCase {
 		{"ok/issue-renewal", testIssueRenewal},
 		{"ok/issue-judged-at-created-at", testIssueJudgedAtCreatedAt},
 		{"ok/issue-reprovision-revokes-previous", testReprovision},
-		{"ok/find-issued", testFindIssued},
 		{"fail/not-found", testNotFound},
 		{"ok/revoke-device", testRevokeDevice},
 		{"ok/revoke-device-idempotent", testRevokeDeviceIdempotent},
@@ -368,32 +367,10 @@ func testReprovision(t *testing.T, s registry.Store) {
 	}
 }
 
-func testFindIssued(t *testing.T, s registry.Store) {
-	must(t, s.CreateToken(ctx, tok(tokGood, 5)))
-	issue(t, s, record("dev-1", "01", tokGood, "", now))
-	issue(t, s, record("dev-2", "02", tokGood, "", now))
-	f, err := s.FindIssued(ctx, tokGood, "dev-1", "rq-01")
-	must(t, err)
-	if f.Serial != "01" || string(f.DER) != "der-01" {
-		t.Fatalf("FindIssued = %+v", f)
-	}
-	for _, q := range [][3]string{
-		{tokGood, "dev-1", "rq-02"},        // another device's request
-		{tokGood, "dev-2", "rq-01"},        // another device
-		{"otherotherot", "dev-1", "rq-01"}, // another token
-		{tokGood, "dev-1", "other"},
-	} {
-		_, err := s.FindIssued(ctx, q[0], q[1], q[2])
-		wantErr(t, err, registry.ErrNotFound)
-	}
-}
-
 func testNotFound(t *testing.T, s registry.Store) {
 	_, err := s.GetDevice(ctx, "dev-ghost")
 	wantErr(t, err, registry.ErrNotFound)
 	_, err = s.GetCertificate(ctx, "ff")
-	wantErr(t, err, registry.ErrNotFound)
-	_, err = s.FindIssued(ctx, tokGood, "dev-ghost", "rq")
 	wantErr(t, err, registry.ErrNotFound)
 	_, err = s.RevokeDevice(ctx, "dev-ghost", 1, now, revokeEvent("dev-ghost"))
 	wantErr(t, err, registry.ErrNotFound)
