@@ -87,3 +87,45 @@ func TestFollow(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestFollowRefusesMalformedEvents: an event that is not the feed's JSON
+// revokes nothing; the follower drops the stream and resumes from the last
+// good sequence number.
+func TestFollowRefusesMalformedEvents(t *testing.T) {
+	t.Parallel()
+	var calls atomic.Int32
+	sinces := make(chan string, 10)
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/revocations/v1/stream" {
+			http.NotFound(w, r)
+			return
+		}
+		sinces <- r.URL.Query().Get("since")
+		w.Header().Set("Content-Type", "text/event-stream")
+		if calls.Add(1) == 1 {
+			fmt.Fprint(w, "id: 1\ndata: {\"seq\":1,\"serial\":\"0a\"}\n\nid: 2\ndata: not json\n\nid: 3\ndata: {\"seq\":3,\"serial\":\"0c\"}\n\n")
+			return
+		}
+		fmt.Fprint(w, "id: 3\ndata: {\"seq\":3,\"serial\":\"0c\"}\n\n")
+	}))
+	defer srv.Close()
+	got := make(chan string, 10)
+	f := &Follower{BaseURL: srv.URL, Client: srv.Client(), Revoke: func(s string) { got <- s }, CRLInterval: time.Hour}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go f.Run(ctx)
+	for _, want := range []string{"0a", "0c"} {
+		select {
+		case s := <-got:
+			if s != want {
+				t.Fatalf("revoked %q, want %q (the malformed event must revoke nothing)", s, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no revocation of %s", want)
+		}
+	}
+	<-sinces
+	if s := <-sinces; s != "1" {
+		t.Fatalf("after the malformed event the follower resumed since=%s, want 1", s)
+	}
+}
