@@ -132,6 +132,16 @@ func (s *Sender) Seal(channel string, plaintext []byte) ([]byte, error) {
 	return out, nil
 }
 
+// Wipe zeroes the sender's keys; it seals nothing afterwards.
+func (s *Sender) Wipe() {
+	wipe(s.ts)
+	s.cur.wipe()
+	s.next = maxSeq
+}
+
+// KID is the key id the sender seals under.
+func (s *Sender) KID() KID { return s.kid }
+
 func uvarintLen(v uint64) int {
 	var b [binary.MaxVarintLen64]byte
 	return binary.PutUvarint(b[:], v)
@@ -167,6 +177,7 @@ type Receiver struct {
 	cur      generation // keys of g(S)
 	prev     *generation
 	nextTS   []byte // TS[g(S)+1]
+	wiped    bool
 }
 
 // NewReceiver starts direction x of an epoch from its master secret.
@@ -188,13 +199,32 @@ func (r *Receiver) marked(seq uint64) bool {
 // Open checks and decrypts an envelope on channel. It commits (moves the
 // window and the keys) only when the tag verifies.
 func (r *Receiver) Open(env []byte, channel string) ([]byte, error) {
-	kid, seq, hl, err := ParseHeader(env)
+	pt, seq, err := r.OpenPending(env, channel)
 	if err != nil {
 		return nil, err
 	}
-	if kid != r.kid {
-		return nil, ErrUnknownKID
+	r.Mark(seq)
+	return pt, nil
+}
+
+// OpenPending is Open without marking the window: the gateway marks a seq
+// with Mark only once its record is durable, so an envelope whose record
+// could not be stored is not later refused as a replay. Until then, the
+// same envelope opens again. The keys still move forward when the tag
+// verifies.
+func (r *Receiver) OpenPending(env []byte, channel string) ([]byte, uint64, error) {
+	kid, seq, hl, err := ParseHeader(env)
+	if err != nil {
+		return nil, 0, err
 	}
+	if kid != r.kid || r.wiped {
+		return nil, 0, ErrUnknownKID
+	}
+	pt, err := r.open(env, channel, seq, hl)
+	return pt, seq, err
+}
+
+func (r *Receiver) open(env []byte, channel string, seq uint64, hl int) ([]byte, error) {
 	g := uint32(seq >> 16)
 	gS := r.cur.g
 	switch {
@@ -257,12 +287,15 @@ func (r *Receiver) Open(env []byte, channel string) ([]byte, error) {
 		wipe(r.nextTS)
 		r.prev, r.cur, r.nextTS = &newPrev, fwd[len(fwd)-1], fwdTS
 	}
-	r.mark(seq)
 	return pt, nil
 }
 
-// mark records seq in the window and moves S.
-func (r *Receiver) mark(seq uint64) {
+// Mark records seq (from OpenPending) in the window and moves S. A seq
+// the window has already left behind is ignored.
+func (r *Receiver) Mark(seq uint64) {
+	if r.s >= 0 && int64(seq) <= r.s-windowSize {
+		return
+	}
 	if int64(seq) > r.s {
 		shift := uint64(windowSize)
 		if r.s >= 0 {
@@ -273,6 +306,18 @@ func (r *Receiver) mark(seq uint64) {
 	}
 	d := uint64(r.s) - seq
 	r.window[d/64] |= 1 << (d % 64)
+}
+
+// Wipe zeroes the receiver's keys; it opens nothing afterwards.
+func (r *Receiver) Wipe() {
+	r.cur.wipe()
+	if r.prev != nil {
+		r.prev.wipe()
+		r.prev = nil
+	}
+	wipe(r.nextTS)
+	r.kid = KID{}
+	r.wiped = true
 }
 
 // shift moves the window by n positions toward older (bit d = seq S-d).
