@@ -4,6 +4,7 @@ go 1.26.0
 
 require (
 	fleetkey.dev/certs v0.0.0
+	fleetkey.dev/sessionkey v0.0.0-00010101000000-000000000000
 	github.com/eclipse/paho.mqtt.golang v1.5.1
 	github.com/mochi-mqtt/server/v2 v2.7.9
 	github.com/prometheus/client_golang v1.25.0

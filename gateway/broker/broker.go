@@ -96,7 +96,9 @@ type Options struct {
 	// none is.
 	IsRevoked func(serial string) bool
 	Limits    Limits
-	Log       *slog.Logger
+	// Sessions turns on fkx1; nil refuses everything on devices/+/up/.
+	Sessions *Sessions
+	Log      *slog.Logger
 	// Now is the clock; default time.Now.
 	Now func() time.Time
 }
@@ -112,6 +114,7 @@ type Broker struct {
 	mu      sync.Mutex
 	clients map[*mqtt.Client]*session
 	revoked map[string]struct{} // serials, lowercase hex
+	fkx     *engine
 }
 
 // session is what the broker knows of a connected client: the identity
@@ -119,6 +122,7 @@ type Broker struct {
 type session struct {
 	id     identity.ID
 	serial string
+	leaf   []byte      // DER, for fkx1 reference credentials
 	timer  *time.Timer // fires at the certificate's NotAfter
 	kicked string      // why the broker disconnected it, if it did
 }
@@ -185,6 +189,13 @@ func New(opts Options) (*Broker, error) {
 	if err := b.mqtt.AddHook(&hook{b: b}, nil); err != nil {
 		return nil, err
 	}
+	if opts.Sessions != nil {
+		e, err := newEngine(b, *opts.Sessions)
+		if err != nil {
+			return nil, err
+		}
+		b.fkx = e
+	}
 	b.tls = &tls.Config{
 		MinVersion:   tls.VersionTLS12,
 		Certificates: []tls.Certificate{opts.Certificate},
@@ -233,14 +244,19 @@ func (b *Broker) Revoke(serial string) int {
 	b.mu.Lock()
 	b.revoked[serial] = struct{}{}
 	var victims []*mqtt.Client
+	var ids []identity.ID
 	for cl, s := range b.clients {
 		if s.serial == serial {
 			victims = append(victims, cl)
+			ids = append(ids, s.id)
 		}
 	}
 	b.mu.Unlock()
-	for _, cl := range victims {
+	for i, cl := range victims {
 		b.kick(cl, "revoked")
+		if b.fkx != nil && ids[i].Role == identity.RoleDevice {
+			b.fkx.forget(ids[i].Name)
+		}
 	}
 	return len(victims)
 }
@@ -283,8 +299,26 @@ func (b *Broker) Serve(ctx context.Context, ln net.Listener) error {
 	if err := b.mqtt.Serve(); err != nil {
 		return err
 	}
+	if b.fkx != nil {
+		b.fkx.start(ctx)
+	}
 	<-ctx.Done()
 	return b.mqtt.Close()
+}
+
+// FKXStats returns the session-key layer's counters (nil without fkx1).
+func (b *Broker) FKXStats() *FKXStats {
+	if b.fkx == nil {
+		return nil
+	}
+	return &b.fkx.stats
+}
+
+// sessionOf returns what the broker knows of a connected client.
+func (b *Broker) sessionOf(cl *mqtt.Client) *session {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.clients[cl]
 }
 
 // identityOf returns the identity bound to a connected client.
@@ -309,7 +343,7 @@ func (h *hook) ID() string { return "fleetkey" }
 
 func (h *hook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnWillSent, mqtt.OnPacketRead:
+	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnWillSent, mqtt.OnPacketRead, mqtt.OnQosComplete:
 		return true
 	}
 	return false
@@ -344,11 +378,14 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	// The CONNECT is in: mochi sets keepalive read deadlines from here on;
 	// the write deadline of the connect phase must not linger.
 	_ = tc.SetWriteDeadline(time.Time{})
-	s := &session{id: id, serial: serial}
+	s := &session{id: id, serial: serial, leaf: leaf.Raw}
 	s.timer = time.AfterFunc(leaf.NotAfter.Sub(h.b.opts.Now()), func() { h.b.kick(cl, "expired") })
 	h.b.mu.Lock()
 	h.b.clients[cl] = s
 	h.b.mu.Unlock()
+	if h.b.fkx != nil && id.Role == identity.RoleDevice {
+		h.b.fkx.connected(id.Name)
+	}
 	return true
 }
 
@@ -396,10 +433,20 @@ func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 	return pk, nil
 }
 
-// OnPublish refuses plaintext device telemetry: until session keys land,
-// nothing on devices/{id}/up/ can be an envelope the gateway can open.
+// OnPublish hands the session-key layer what it owns: handshakes,
+// envelopes on up/, commands. Without it, everything a device sends on
+// devices/{id}/up/ is refused: the gateway can open no envelope.
 func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	if id, ok := h.b.identityOf(cl); ok && id.Role == identity.RoleDevice && isUp(pk.TopicName) {
+	if cl.Net.Inline {
+		return pk, nil
+	}
+	id, ok := h.b.identityOf(cl)
+	if ok && h.b.fkx != nil {
+		if handled, err := h.b.fkx.onPublish(cl, id, pk); handled {
+			return pk, err
+		}
+	}
+	if ok && id.Role == identity.RoleDevice && isUp(pk.TopicName) {
 		h.b.stats.PlaintextRefused.Add(1)
 		return pk, packets.ErrRejectPacket
 	}
@@ -432,12 +479,25 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 		return
 	}
 	s.timer.Stop()
+	if h.b.fkx != nil {
+		h.b.fkx.room.signal()
+		if s.id.Role == identity.RoleDevice {
+			h.b.fkx.disconnected(s.id.Name)
+		}
+	}
 	if s.kicked != "" {
 		h.b.mqtt.UnsubscribeClient(cl)
 		cl.ClearInflights()
 		if cur, ok := h.b.mqtt.Clients.Get(cl.ID); ok && cur == cl {
 			h.b.mqtt.Clients.Delete(cl.ID)
 		}
+	}
+}
+
+// OnQosComplete wakes deliveries waiting for a subscriber's room.
+func (h *hook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
+	if h.b.fkx != nil {
+		h.b.fkx.room.signal()
 	}
 }
 

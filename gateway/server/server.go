@@ -5,6 +5,7 @@ package server
 
 import (
 	"context"
+	"crypto"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -27,6 +28,8 @@ import (
 	"fleetkey.dev/certs/trust"
 	"fleetkey.dev/gateway/broker"
 	"fleetkey.dev/gateway/revocation"
+	"fleetkey.dev/gateway/sink"
+	"fleetkey.dev/sessionkey"
 )
 
 // Config is the gateway's configuration (YAML and flags). The zero value
@@ -58,6 +61,17 @@ type Config struct {
 	MaxPacketSize    uint32        `yaml:"max_packet_size"`
 	MaxClients       int64         `yaml:"max_clients"`
 	BufferSize       int           `yaml:"buffer_size"`
+	// TelemetrySink is the JSON-lines file where every decrypted record is
+	// stored (fsync'd) before its PUBACK. Default telemetry.jsonl beside
+	// PKIDir (.fleetkey/telemetry.jsonl).
+	TelemetrySink string `yaml:"telemetry_sink"`
+	// Suites of fkx1 the gateway answers: 1 (X25519), 2 (X25519MLKEM768).
+	// Default both.
+	Suites []int `yaml:"suites"`
+	// Rotation of session keys; zero values are FKX1.md's defaults.
+	GenerationEvery time.Duration `yaml:"generation_every"` // 10m
+	EpochEvery      time.Duration `yaml:"epoch_every"`      // 1h
+	RetireAfter     time.Duration `yaml:"retire_after"`     // 60s
 }
 
 func (c Config) withDefaults() Config {
@@ -75,6 +89,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.CRLReload == 0 {
 		c.CRLReload = time.Minute
+	}
+	if c.TelemetrySink == "" {
+		c.TelemetrySink = filepath.Join(filepath.Dir(filepath.Clean(c.PKIDir)), "telemetry.jsonl")
 	}
 	return c
 }
@@ -109,6 +126,11 @@ func (c Config) Validate() error {
 			return fmt.Errorf("config metrics_listen: %q is not host:port: %v", c.MetricsListen, err)
 		}
 	}
+	for _, s := range c.Suites {
+		if s != 1 && s != 2 {
+			return fmt.Errorf("config suites: %d is not an fkx1 suite (1: X25519, 2: X25519MLKEM768)", s)
+		}
+	}
 	if c.Provisioning != "" && !(len(c.Provisioning) > 8 && c.Provisioning[:8] == "https://") {
 		return fmt.Errorf("config provisioning: %q must be an https:// URL", c.Provisioning)
 	}
@@ -122,6 +144,7 @@ type Gateway struct {
 	bundle *trust.Bundle
 	cert   tls.Certificate
 	broker *broker.Broker
+	sink   *sink.Sink
 	reg    *prometheus.Registry
 	ready  atomic.Bool
 }
@@ -143,12 +166,27 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	if err != nil {
 		return nil, fmt.Errorf("loading the gateway certificate: %w", err)
 	}
-	b, err := broker.New(broker.Options{Bundle: bundle, Certificate: cert, Log: log,
-		Limits: broker.Limits{HandshakeTimeout: cfg.HandshakeTimeout, ConnectTimeout: cfg.ConnectTimeout, MaxPacketSize: cfg.MaxPacketSize, MaxClients: cfg.MaxClients, BufferSize: cfg.BufferSize}})
+	signer, ok := cert.PrivateKey.(crypto.Signer)
+	if !ok {
+		return nil, errors.New("the gateway key cannot sign")
+	}
+	snk, err := sink.Open(cfg.TelemetrySink, sink.Options{})
 	if err != nil {
 		return nil, err
 	}
-	g := &Gateway{cfg: cfg, log: log, bundle: bundle, cert: cert, broker: b}
+	var suites []sessionkey.Suite
+	for _, s := range cfg.Suites {
+		suites = append(suites, sessionkey.Suite(s))
+	}
+	b, err := broker.New(broker.Options{Bundle: bundle, Certificate: cert, Log: log,
+		Limits: broker.Limits{HandshakeTimeout: cfg.HandshakeTimeout, ConnectTimeout: cfg.ConnectTimeout, MaxPacketSize: cfg.MaxPacketSize, MaxClients: cfg.MaxClients, BufferSize: cfg.BufferSize},
+		Sessions: &broker.Sessions{Identity: sessionkey.Identity{Signer: signer, Chain: cert.Certificate}, Suites: suites, Sink: snk,
+			Rotation: sessionkey.Rotation{GenerationEvery: cfg.GenerationEvery, EpochEvery: cfg.EpochEvery, RetireAfter: cfg.RetireAfter}}})
+	if err != nil {
+		snk.Close()
+		return nil, err
+	}
+	g := &Gateway{cfg: cfg, log: log, bundle: bundle, cert: cert, broker: b, sink: snk}
 	g.reg = g.metrics()
 	return g, nil
 }
@@ -206,6 +244,9 @@ func (g *Gateway) Serve(ctx context.Context, ln, mln net.Listener) error {
 	}
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil
+	}
+	if cerr := g.sink.Close(); err == nil {
+		err = cerr
 	}
 	return err
 }

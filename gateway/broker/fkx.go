@@ -1,0 +1,587 @@
+package broker
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"fleetkey.dev/certs/identity"
+	"fleetkey.dev/certs/trust"
+	"fleetkey.dev/gateway/sink"
+	"fleetkey.dev/sessionkey"
+)
+
+// Sessions turns on fkx1 at the gateway: handshakes on kex/req, envelopes
+// on up/ decrypted into the sink and onto fleet/telemetry/, commands from
+// fleet/commands/ encrypted onto down/.
+type Sessions struct {
+	// Identity signs msg2: the gateway certificate's key and chain.
+	Identity sessionkey.Identity
+	// Suites answered; default both.
+	Suites   []sessionkey.Suite
+	Rotation sessionkey.Rotation
+	// Sink stores each record before its PUBACK.
+	Sink *sink.Sink
+	// Workers run handshakes off the publishers' goroutines; default
+	// GOMAXPROCS. QueueSize bounds the handshakes waiting (default 4096);
+	// beyond it msg1/msg3 are dropped and counted, and the device retries.
+	Workers, QueueSize int
+	// HintEvery is the least time between hints to one device. Default 10 s.
+	HintEvery time.Duration
+	// MaxQueuedCommands per device wait for a key the device has
+	// confirmed; more are refused. Default 64.
+	MaxQueuedCommands int
+	// SubscriberWindow is how many unacknowledged QoS 1 messages a service
+	// subscriber may have before deliveries wait for it (default half of
+	// MaxWritesPending). SubscriberStall is how long they wait before the
+	// subscriber is disconnected, its session keeping what it has not
+	// acknowledged (default 30 s).
+	SubscriberWindow int
+	SubscriberStall  time.Duration
+}
+
+// FKXStats counts the session-key layer's work and refusals; refusals are
+// also in Stats.Refusals under stage "fkx1".
+type FKXStats struct {
+	Handshakes       atomic.Int64 // completed
+	KexDropped       atomic.Int64 // handshake queue full
+	Records          atomic.Int64 // stored and delivered
+	Duplicates       atomic.Int64 // retransmissions acknowledged, not delivered again
+	EnvelopesRefused atomic.Int64
+	Commands         atomic.Int64 // sent to devices
+	CommandsRefused  atomic.Int64
+	Hints            atomic.Int64
+	SinkFailures     atomic.Int64
+	SubscriberWaits  atomic.Int64 // deliveries that waited for a slow subscriber
+	SubscriberKicks  atomic.Int64
+}
+
+type engine struct {
+	b     *Broker
+	cfg   Sessions
+	rcfg  *sessionkey.ResponderConfig
+	pub   *mqtt.Client // inline publisher
+	jobs  chan func()
+	stats FKXStats
+	cmdID atomic.Uint64
+
+	mu      sync.Mutex
+	devices map[string]*deviceState
+
+	room roomSignal
+	// writing is the write to a client in progress on the sink's
+	// delivery goroutine, watched so a client that stops reading cannot
+	// stall every device.
+	writing atomic.Pointer[guardedWrite]
+}
+
+type guardedWrite struct {
+	cl    *mqtt.Client
+	since time.Time
+}
+
+// deviceState is the gateway's fkx1 state of one device.
+type deviceState struct {
+	mu        sync.Mutex // serialises handshakes
+	resp      *sessionkey.Responder
+	ring      *sessionkey.Keyring
+	lastHint  atomic.Int64 // unix nanos
+	cmdMu     sync.Mutex
+	queued    [][2]string // channel, body
+	connected atomic.Int32
+	leftAt    atomic.Int64 // unix nanos of the last disconnect
+}
+
+func newEngine(b *Broker, cfg Sessions) (*engine, error) {
+	if cfg.Sink == nil {
+		return nil, errors.New("fkx1 needs a telemetry sink")
+	}
+	if cfg.Workers <= 0 {
+		cfg.Workers = runtime.GOMAXPROCS(0)
+	}
+	if cfg.QueueSize <= 0 {
+		cfg.QueueSize = 4096
+	}
+	if cfg.HintEvery == 0 {
+		cfg.HintEvery = 10 * time.Second
+	}
+	if cfg.MaxQueuedCommands == 0 {
+		cfg.MaxQueuedCommands = 64
+	}
+	if cfg.SubscriberWindow == 0 {
+		cfg.SubscriberWindow = int(b.limits.MaxWritesPending / 2)
+	}
+	if cfg.SubscriberStall == 0 {
+		cfg.SubscriberStall = 30 * time.Second
+	}
+	rcfg, err := sessionkey.NewResponderConfig(sessionkey.ResponderConfig{
+		Suites: cfg.Suites, Identity: cfg.Identity, Now: b.opts.Now,
+		VerifyDevice: func(id string, chain []*x509.Certificate) error {
+			peer, err := b.opts.Bundle.Verify(chain, trust.VerifyOptions{Now: b.opts.Now(), Usage: x509.ExtKeyUsageAny,
+				Roles: []identity.Role{identity.RoleDevice}, IsRevoked: func(l *x509.Certificate) bool { return b.isRevoked(l.SerialNumber.Text(16)) }})
+			if err != nil {
+				return err
+			}
+			if peer.ID.Name != id {
+				return fmt.Errorf("the credential names %s, not %s", peer.ID.Name, id)
+			}
+			return nil
+		}})
+	if err != nil {
+		return nil, err
+	}
+	e := &engine{b: b, cfg: cfg, rcfg: rcfg, devices: map[string]*deviceState{}, jobs: make(chan func(), cfg.QueueSize)}
+	e.pub = b.mqtt.NewClient(nil, mqtt.LocalListener, "fleetkey-gateway", true)
+	e.cmdID.Store(uint64(time.Now().UnixNano())) // rises across restarts
+	e.room.ch = make(chan struct{})
+	return e, nil
+}
+
+// start runs the workers and the housekeeping until ctx ends.
+func (e *engine) start(ctx context.Context) {
+	for i := 0; i < e.cfg.Workers; i++ {
+		go func() {
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case job := <-e.jobs:
+					job()
+				}
+			}
+		}()
+	}
+	go func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for n := 0; ; n++ {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			e.watchWrites()
+			if n%60 == 0 {
+				e.housekeeping()
+			}
+		}
+	}()
+}
+
+func (e *engine) state(id string) *deviceState {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	st := e.devices[id]
+	if st == nil {
+		st = &deviceState{resp: sessionkey.NewResponder(e.rcfg, id), ring: sessionkey.NewKeyring(true, e.cfg.Rotation, e.b.opts.Now)}
+		e.devices[id] = st
+	}
+	return st
+}
+
+func (e *engine) existing(id string) *deviceState {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.devices[id]
+}
+
+// forget wipes a device's keys (it was revoked).
+func (e *engine) forget(id string) {
+	e.mu.Lock()
+	st := e.devices[id]
+	delete(e.devices, id)
+	e.mu.Unlock()
+	if st != nil {
+		st.ring.Wipe()
+	}
+}
+
+// housekeeping ticks every keyring (retirement, the time ratchet) and
+// drops the state of devices gone for longer than an epoch lasts.
+func (e *engine) housekeeping() {
+	e.mu.Lock()
+	states := make(map[string]*deviceState, len(e.devices))
+	for id, st := range e.devices {
+		states[id] = st
+	}
+	e.mu.Unlock()
+	rot := e.cfg.Rotation
+	if rot.EpochEvery == 0 {
+		rot.EpochEvery = time.Hour
+	}
+	now := e.b.opts.Now()
+	for id, st := range states {
+		st.ring.Tick()
+		left := st.leftAt.Load()
+		if st.connected.Load() == 0 && left != 0 && now.Sub(time.Unix(0, left)) > rot.EpochEvery {
+			e.mu.Lock()
+			if e.devices[id] == st {
+				delete(e.devices, id)
+			}
+			e.mu.Unlock()
+			st.ring.Wipe()
+		}
+	}
+}
+
+func (e *engine) connected(id string) { e.state(id).connected.Add(1) }
+
+func (e *engine) disconnected(id string) {
+	if st := e.existing(id); st != nil {
+		st.connected.Add(-1)
+		st.leftAt.Store(e.b.opts.Now().UnixNano())
+	}
+}
+
+// topicParts splits a/b/c/d into its four levels.
+func topicParts(topic string) ([4]string, bool) {
+	var p [4]string
+	for i := 0; i < 3; i++ {
+		j := strings.IndexByte(topic, '/')
+		if j < 0 {
+			return p, false
+		}
+		p[i], topic = topic[:j], topic[j+1:]
+	}
+	if strings.IndexByte(topic, '/') >= 0 {
+		return p, false
+	}
+	p[3] = topic
+	return p, true
+}
+
+// onPublish handles what the session-key layer owns. handled reports
+// whether it took the packet; err is then what OnPublish returns.
+func (e *engine) onPublish(cl *mqtt.Client, id identity.ID, pk packets.Packet) (handled bool, err error) {
+	p, ok := topicParts(pk.TopicName)
+	if !ok {
+		return false, nil
+	}
+	switch {
+	case id.Role == identity.RoleDevice && p[0] == "devices" && p[1] == id.Name && p[2] == "kex" && p[3] == "req":
+		e.ack(cl, pk)
+		e.kex(cl, id.Name, pk)
+		return true, packets.ErrRejectPacket
+	case id.Role == identity.RoleDevice && p[0] == "devices" && p[1] == id.Name && p[2] == "up":
+		e.up(cl, id.Name, p[3], pk)
+		return true, packets.ErrRejectPacket
+	case id.Role != identity.RoleDevice && p[0] == "fleet" && p[1] == "commands":
+		if p[3] == sessionkey.KexChannel {
+			e.refuse("kex-channel", &e.stats.CommandsRefused)
+			e.ack(cl, pk)
+			return true, packets.ErrRejectPacket
+		}
+		e.command(p[2], p[3], pk.Payload)
+		return true, nil
+	}
+	return false, nil
+}
+
+func (e *engine) refuse(reason string, c *atomic.Int64) {
+	c.Add(1)
+	e.b.stats.refused("fkx1", reason)
+}
+
+// ack sends PUBACK for a QoS 1 packet.
+func (e *engine) ack(cl *mqtt.Client, pk packets.Packet) {
+	if pk.FixedHeader.Qos == 0 {
+		return
+	}
+	e.guarded(cl, func() error {
+		return cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID})
+	})
+}
+
+// nack refuses a QoS 1 envelope: PUBACK 0x80 under MQTT 5; under 3.1.1,
+// which has no negative PUBACK, the connection is closed (FKX1.md,
+// Receiver), and the device reconnects and rekeys.
+func (e *engine) nack(cl *mqtt.Client, pk packets.Packet, why string) {
+	if pk.FixedHeader.Qos == 0 {
+		return
+	}
+	if cl.Properties.ProtocolVersion == 5 {
+		e.guarded(cl, func() error {
+			return cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID,
+				ReasonCode: packets.ErrUnspecifiedError.Code})
+		})
+		return
+	}
+	cl.Stop(errors.New("fkx1: envelope refused: " + why))
+}
+
+// guarded runs a write to cl under the write watchdog.
+func (e *engine) guarded(cl *mqtt.Client, write func() error) {
+	g := &guardedWrite{cl: cl, since: time.Now()}
+	e.writing.Store(g)
+	_ = write()
+	e.writing.CompareAndSwap(g, nil)
+}
+
+// writeStall is how long one write may block before its client is cut off.
+const writeStall = 5 * time.Second
+
+func (e *engine) watchWrites() {
+	if g := e.writing.Load(); g != nil && time.Since(g.since) > writeStall {
+		e.b.log.Warn("client not reading; disconnecting it", "client", g.cl.ID)
+		g.cl.Stop(errors.New("client stopped reading"))
+	}
+}
+
+// publish sends payload from the gateway itself, at QoS 1.
+func (e *engine) publish(topic string, payload []byte, user []packets.UserProperty) {
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, TopicName: topic, Payload: payload, PacketID: 1}
+	pk.Properties.User = user
+	if err := e.b.mqtt.InjectPacket(e.pub, pk); err != nil {
+		e.b.log.Warn("publishing", "topic", topic, "err", err)
+	}
+}
+
+// kex queues a handshake message for a worker.
+func (e *engine) kex(cl *mqtt.Client, id string, pk packets.Packet) {
+	if pk.FixedHeader.Retain {
+		e.refuse("kex-retained", &e.stats.KexDropped)
+		return
+	}
+	payload := pk.Payload
+	var leaf []byte
+	if s := e.b.sessionOf(cl); s != nil {
+		leaf = s.leaf
+	}
+	job := func() { e.handshake(id, payload, leaf) }
+	select {
+	case e.jobs <- job:
+	default:
+		e.refuse("kex-overload", &e.stats.KexDropped)
+	}
+}
+
+func (e *engine) handshake(id string, msg, leaf []byte) {
+	if len(msg) < 2 || len(msg) > sessionkey.MaxKexMessage {
+		e.refuse("malformed", &e.stats.KexDropped)
+		return
+	}
+	st := e.state(id)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	var out []byte
+	var err error
+	switch msg[1] {
+	case 0x01:
+		out, err = st.resp.HandleMsg1(msg)
+	case 0x03:
+		var ep *sessionkey.Epoch
+		out, ep, err = st.resp.HandleMsg3(msg, leaf, st.ring.Live)
+		if ep != nil {
+			st.ring.Add(ep)
+			e.stats.Handshakes.Add(1)
+		}
+	default:
+		err = sessionkey.ErrMessage
+	}
+	if err != nil {
+		e.refuse(sessionkey.Reason(err), &e.stats.KexDropped)
+		e.b.log.Debug("fkx1 handshake message refused", "device", id, "reason", sessionkey.Reason(err), "err", err)
+		return
+	}
+	e.publish("devices/"+id+"/kex/resp", out, nil)
+}
+
+// recordHeader is u64(record_id) ‖ u64(unix_ms).
+const recordHeader = 16
+
+// up opens a d2g envelope, stores its record, and acknowledges it once
+// durable; then publishes it in plaintext to fleet/telemetry/.
+func (e *engine) up(cl *mqtt.Client, id, channel string, pk packets.Packet) {
+	if channel == sessionkey.KexChannel {
+		e.refuse("kex-channel", &e.stats.EnvelopesRefused)
+		e.nack(cl, pk, "the kex channel is reserved")
+		return
+	}
+	st := e.state(id)
+	pt, kid, seq, err := st.ring.OpenPending(pk.Payload, channel)
+	if err == nil && len(pt) < recordHeader {
+		err = fmt.Errorf("%w: a record of %d bytes", sessionkey.ErrMalformed, len(pt))
+	}
+	if err != nil {
+		reason := sessionkey.Reason(err)
+		if errors.Is(err, sessionkey.ErrReplay) {
+			// A QoS 1 duplicate: acknowledged, counted, not delivered.
+			e.refuse(reason, &e.stats.Duplicates)
+			e.ack(cl, pk)
+			return
+		}
+		e.refuse(reason, &e.stats.EnvelopesRefused)
+		if errors.Is(err, sessionkey.ErrUnknownKID) || errors.Is(err, sessionkey.ErrTooFarAhead) {
+			e.hint(id, st, kid)
+		}
+		e.nack(cl, pk, reason)
+		return
+	}
+	e.flushCommands(id, st)
+	rec := sink.Record{Device: id, Channel: channel, RecordID: binary.BigEndian.Uint64(pt), UnixMS: binary.BigEndian.Uint64(pt[8:]), Body: pt[recordHeader:]}
+	err = e.cfg.Sink.Submit(context.Background(), rec, func(r sink.Result) {
+		if r.Err != nil {
+			e.stats.SinkFailures.Add(1)
+			e.b.log.Error("telemetry record not stored; closing the device's connection so it resends", "device", id, "err", r.Err)
+			cl.Stop(r.Err)
+			return
+		}
+		st.ring.Mark(kid, seq)
+		if r.Duplicate {
+			e.stats.Duplicates.Add(1)
+		} else {
+			e.deliver("fleet/telemetry/"+id+"/"+channel, &rec)
+			e.stats.Records.Add(1)
+		}
+		e.ack(cl, pk)
+	})
+	if err != nil {
+		e.b.log.Error("telemetry sink", "err", err)
+		cl.Stop(err)
+	}
+}
+
+// deliver publishes a stored record to the services, first waiting until
+// each connected QoS 1 subscriber has room: a slow service slows the
+// devices down instead of losing what they sent.
+func (e *engine) deliver(topic string, rec *sink.Record) {
+	e.waitRoom(topic)
+	e.publish(topic, rec.Body, []packets.UserProperty{
+		{Key: "record_id", Val: strconv.FormatUint(rec.RecordID, 10)},
+		{Key: "unix_ms", Val: strconv.FormatUint(rec.UnixMS, 10)},
+	})
+}
+
+// hint asks the device for a new handshake, at most once per HintEvery.
+func (e *engine) hint(id string, st *deviceState, kid sessionkey.KID) {
+	now := e.b.opts.Now().UnixNano()
+	last := st.lastHint.Load()
+	if last != 0 && now-last < int64(e.cfg.HintEvery) || !st.lastHint.CompareAndSwap(last, now) {
+		return
+	}
+	e.stats.Hints.Add(1)
+	e.publish("devices/"+id+"/kex/hint", sessionkey.MarshalHint(kid), nil)
+}
+
+// command encrypts a service's command for the device under the key the
+// device has confirmed, or queues it until there is one.
+func (e *engine) command(id, channel string, body []byte) {
+	if identity.ValidateID(id) != nil {
+		e.refuse("command-device", &e.stats.CommandsRefused)
+		return
+	}
+	st := e.state(id)
+	st.cmdMu.Lock()
+	defer st.cmdMu.Unlock()
+	if len(st.queued) > 0 || st.connected.Load() == 0 || !e.sendCommand(id, st, channel, body) {
+		if len(st.queued) >= e.cfg.MaxQueuedCommands {
+			e.refuse("command-queue-full", &e.stats.CommandsRefused)
+			return
+		}
+		st.queued = append(st.queued, [2]string{channel, string(body)})
+	}
+}
+
+// sendCommand seals and publishes one command; false: no key yet.
+func (e *engine) sendCommand(id string, st *deviceState, channel string, body []byte) bool {
+	pt := make([]byte, recordHeader, recordHeader+len(body))
+	binary.BigEndian.PutUint64(pt, e.cmdID.Add(1))
+	binary.BigEndian.PutUint64(pt[8:], uint64(e.b.opts.Now().UnixMilli()))
+	env, _, err := st.ring.Seal(channel, append(pt, body...))
+	if err != nil {
+		return false
+	}
+	e.stats.Commands.Add(1)
+	e.publish("devices/"+id+"/down/"+channel, env, nil)
+	return true
+}
+
+// flushCommands sends queued commands once the device has confirmed a key.
+func (e *engine) flushCommands(id string, st *deviceState) {
+	st.cmdMu.Lock()
+	defer st.cmdMu.Unlock()
+	for len(st.queued) > 0 && st.connected.Load() > 0 {
+		c := st.queued[0]
+		if !e.sendCommand(id, st, c[0], []byte(c[1])) {
+			return
+		}
+		st.queued = st.queued[1:]
+	}
+}
+
+// roomSignal wakes deliveries waiting for a subscriber to acknowledge.
+type roomSignal struct {
+	mu      sync.Mutex
+	ch      chan struct{}
+	waiters atomic.Int32
+}
+
+func (r *roomSignal) wait() <-chan struct{} {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.ch
+}
+
+func (r *roomSignal) signal() {
+	if r.waiters.Load() == 0 {
+		return
+	}
+	r.mu.Lock()
+	close(r.ch)
+	r.ch = make(chan struct{})
+	r.mu.Unlock()
+}
+
+// waitRoom waits until every connected QoS 1 subscriber of topic has
+// fewer than SubscriberWindow messages unacknowledged. One that makes no
+// room for SubscriberStall is disconnected; its session keeps them.
+func (e *engine) waitRoom(topic string) {
+	subs := e.b.mqtt.Topics.Subscribers(topic)
+	check := func(clientID string, sub packets.Subscription) {
+		if sub.Qos == 0 {
+			return
+		}
+		cl, ok := e.b.mqtt.Clients.Get(clientID)
+		if !ok || cl.Net.Inline || cl.Closed() || cl.State.Inflight.Len() < e.cfg.SubscriberWindow {
+			return
+		}
+		e.stats.SubscriberWaits.Add(1)
+		e.room.waiters.Add(1)
+		defer e.room.waiters.Add(-1)
+		deadline := time.NewTimer(e.cfg.SubscriberStall)
+		defer deadline.Stop()
+		for {
+			ch := e.room.wait() // before the check, so no signal is missed
+			if cl.Closed() || cl.State.Inflight.Len() < e.cfg.SubscriberWindow {
+				return
+			}
+			select {
+			case <-ch:
+			case <-deadline.C:
+				e.stats.SubscriberKicks.Add(1)
+				e.b.log.Warn("service subscriber made no room; disconnecting it (its session keeps its messages)", "client", clientID)
+				cl.Stop(errors.New("subscriber stalled"))
+				return
+			}
+		}
+	}
+	for cid, sub := range subs.Subscriptions {
+		check(cid, sub)
+	}
+	for _, group := range subs.Shared {
+		for cid, sub := range group {
+			check(cid, sub)
+		}
+	}
+}
