@@ -54,6 +54,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	metrics := fs.String("metrics-listen", "", "metrics and health address (default :9102; off to disable)")
 	pki := fs.String("pki", "", "PKI directory from 'certs init' (default .fleetkey/pki)")
 	prov := fs.String("provisioning", "", "provisioning service URL whose revocation feed to follow")
+	sinkFile := fs.String("telemetry-sink", "", "JSON-lines file where decrypted telemetry is stored before each PUBACK (default telemetry.jsonl beside the PKI directory)")
 	addrFile := fs.String("addr-file", "", "write the bound MQTT address here once listening (for --listen 127.0.0.1:0)")
 	if err := fs.Parse(args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -75,7 +76,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	for _, o := range []struct {
 		flag string
 		dst  *string
-	}{{*listen, &cfg.Listen}, {*metrics, &cfg.MetricsListen}, {*pki, &cfg.PKIDir}, {*prov, &cfg.Provisioning}} {
+	}{{*listen, &cfg.Listen}, {*metrics, &cfg.MetricsListen}, {*pki, &cfg.PKIDir}, {*prov, &cfg.Provisioning}, {*sinkFile, &cfg.TelemetrySink}} {
 		if o.flag != "" {
 			*o.dst = o.flag
 		}
