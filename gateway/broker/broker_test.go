@@ -96,6 +96,18 @@ type listenerFunc func(net.Listener) net.Listener
 // start runs a broker on 127.0.0.1:0; clock, if given, is its clock.
 func start(t testing.TB, limits Limits, wrap listenerFunc, revoked func(string) bool, clock ...func() time.Time) *env {
 	t.Helper()
+	return startWith(t, wrap, func(o *Options) {
+		o.Limits, o.IsRevoked = limits, revoked
+		if len(clock) > 0 {
+			o.Now = clock[0]
+		}
+	})
+}
+
+// startWith runs a broker on 127.0.0.1:0 with options set by configure,
+// before the broker is built.
+func startWith(t testing.TB, wrap listenerFunc, configure func(*Options)) *env {
+	t.Helper()
 	pki, iss := newPKI(t, "fleet.test")
 	bundle, err := pkidir.LoadBundle(pki)
 	if err != nil {
@@ -106,11 +118,8 @@ func start(t testing.TB, limits Limits, wrap listenerFunc, revoked func(string) 
 		t.Fatal(err)
 	}
 	logs := &syncBuffer{}
-	opts := Options{Bundle: bundle, Certificate: cert, Limits: limits, IsRevoked: revoked,
-		Log: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))}
-	if len(clock) > 0 {
-		opts.Now = clock[0]
-	}
+	opts := Options{Bundle: bundle, Certificate: cert, Log: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))}
+	configure(&opts)
 	b, err := New(opts)
 	if err != nil {
 		t.Fatal(err)

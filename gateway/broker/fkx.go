@@ -422,8 +422,11 @@ func (e *engine) up(cl *mqtt.Client, id, channel string, pk packets.Packet) {
 			return
 		}
 		e.refuse(reason, &e.stats.EnvelopesRefused)
+		if errors.Is(err, sessionkey.ErrMalformed) {
+			e.b.stats.PlaintextRefused.Add(1) // not an envelope: plaintext, or garbage
+		}
 		if errors.Is(err, sessionkey.ErrUnknownKID) || errors.Is(err, sessionkey.ErrTooFarAhead) {
-			e.hint(id, st, kid)
+			e.hint(cl, id, st, kid)
 		}
 		e.nack(cl, pk, reason)
 		return
@@ -464,14 +467,21 @@ func (e *engine) deliver(topic string, rec *sink.Record) {
 }
 
 // hint asks the device for a new handshake, at most once per HintEvery.
-func (e *engine) hint(id string, st *deviceState, kid sessionkey.KID) {
+// It is written straight to the device's connection, before a refusal
+// may close it (MQTT 3.1.1).
+func (e *engine) hint(cl *mqtt.Client, id string, st *deviceState, kid sessionkey.KID) {
 	now := e.b.opts.Now().UnixNano()
 	last := st.lastHint.Load()
 	if last != 0 && now-last < int64(e.cfg.HintEvery) || !st.lastHint.CompareAndSwap(last, now) {
 		return
 	}
 	e.stats.Hints.Add(1)
-	e.publish("devices/"+id+"/kex/hint", sessionkey.MarshalHint(kid), nil)
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, TopicName: "devices/" + id + "/kex/hint", Payload: sessionkey.MarshalHint(kid)}
+	if pid, err := cl.NextPacketID(); err == nil {
+		pk.PacketID = uint16(pid)
+		cl.State.Inflight.Set(pk)
+		e.guarded(cl, func() error { return cl.WritePacket(pk) })
+	}
 }
 
 // command encrypts a service's command for the device under the key the

@@ -1,0 +1,459 @@
+package broker
+
+import (
+	"bufio"
+	"bytes"
+	"crypto"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"fleetkey.dev/certs/identity"
+	"fleetkey.dev/gateway/sink"
+	"fleetkey.dev/sessionkey"
+)
+
+// fkxEnv is a broker with fkx1 on, its sink file, and a clock tests can
+// move.
+type fkxEnv struct {
+	*env
+	sinkPath string
+	clk      *testClock
+}
+
+type testClock struct {
+	mu  sync.Mutex
+	off time.Duration
+}
+
+func (c *testClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return time.Now().Add(c.off)
+}
+
+func (c *testClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.off += d
+	c.mu.Unlock()
+}
+
+// startFKX runs a broker with fkx1 over a sink in a temp dir; file, if
+// not nil, wraps the sink's file (slow or failing disks).
+func startFKX(t *testing.T, suites []sessionkey.Suite, file func(*os.File) sink.File, tune ...func(*Sessions)) *fkxEnv {
+	t.Helper()
+	f := &fkxEnv{sinkPath: filepath.Join(t.TempDir(), "telemetry.jsonl"), clk: &testClock{}}
+	osf, err := os.OpenFile(f.sinkPath, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sf sink.File = osf
+	if file != nil {
+		sf = file(osf)
+	}
+	snk, err := sink.New(sf, sink.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.env = startWith(t, nil, func(o *Options) {
+		o.Now = f.clk.Now
+		s := &Sessions{Identity: sessionkey.Identity{Signer: o.Certificate.PrivateKey.(crypto.Signer), Chain: o.Certificate.Certificate},
+			Suites: suites, Sink: snk}
+		for _, fn := range tune {
+			fn(s)
+		}
+		o.Sessions = s
+	})
+	t.Cleanup(func() { snk.Close() })
+	return f
+}
+
+// device is a test device that speaks fkx1 itself, over paho, so tests
+// can also misbehave on purpose.
+type device struct {
+	t    *testing.T
+	e    *fkxEnv
+	id   string
+	cert tls.Certificate
+	c    paho.Client
+	in   chan paho.Message
+	init *sessionkey.Initiator
+	ring *sessionkey.Keyring
+	rec  uint64
+}
+
+func (f *fkxEnv) device(id string, suite sessionkey.Suite) *device {
+	f.t.Helper()
+	d := &device{t: f.t.(*testing.T), e: f, id: id, cert: f.leaf(f.issuer, identity.RoleDevice, id), ring: sessionkey.NewKeyring(false, sessionkey.Rotation{}, f.clk.Now)}
+	d.setIdentity(d.cert, suite)
+	d.connect()
+	return d
+}
+
+// setIdentity makes the device's fkx1 credential that of cert.
+func (d *device) setIdentity(cert tls.Certificate, suite sessionkey.Suite) {
+	d.t.Helper()
+	init, err := sessionkey.NewInitiator(sessionkey.InitiatorConfig{DeviceID: d.id, Suite: suite,
+		Identity:      sessionkey.Identity{Signer: cert.PrivateKey.(crypto.Signer), Chain: [][]byte{cert.Leaf.Raw}},
+		VerifyGateway: func(chain []*x509.Certificate) error { return nil }, Now: d.e.clk.Now})
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	d.init = init
+}
+
+func (d *device) connect() {
+	d.t.Helper()
+	d.c = d.e.mustConnect(d.cert, d.id)
+	d.in = make(chan paho.Message, 64)
+	base := "devices/" + d.id + "/"
+	tok := d.c.SubscribeMultiple(map[string]byte{base + "kex/resp": 1, base + "kex/hint": 1, base + "down/+": 1},
+		func(_ paho.Client, m paho.Message) { d.in <- m })
+	if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		d.t.Fatalf("subscribe: %v", tok.Error())
+	}
+}
+
+func (d *device) publish(topic string, payload []byte) paho.Token {
+	d.t.Helper()
+	tok := d.c.Publish(topic, 1, false, payload)
+	if !tok.WaitTimeout(5 * time.Second) {
+		d.t.Fatalf("no PUBACK for %s", topic)
+	}
+	return tok
+}
+
+// expect waits for the next message on devices/{id}/<suffix>.
+func (d *device) expect(suffix string) []byte {
+	d.t.Helper()
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case m := <-d.in:
+			if m.Topic() == "devices/"+d.id+"/"+suffix {
+				return m.Payload()
+			}
+		case <-timeout:
+			d.t.Fatalf("nothing on %s", suffix)
+		}
+	}
+}
+
+// handshake runs fkx1 over MQTT and returns its four messages.
+func (d *device) handshake() (msgs [4][]byte) {
+	d.t.Helper()
+	var err error
+	msgs[0], _ = d.init.Start()
+	d.publish("devices/"+d.id+"/kex/req", msgs[0])
+	msgs[1] = d.expect("kex/resp")
+	if msgs[2], err = d.init.HandleMsg2(msgs[1], nil); err != nil {
+		d.t.Fatal(err)
+	}
+	d.publish("devices/"+d.id+"/kex/req", msgs[2])
+	msgs[3] = d.expect("kex/resp")
+	ep, err := d.init.HandleMsg4(msgs[3], d.ring.Live)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	d.ring.Add(ep)
+	return msgs
+}
+
+// record seals the next telemetry record.
+func (d *device) record(body string) []byte {
+	d.t.Helper()
+	d.rec++
+	pt := binary.BigEndian.AppendUint64(nil, d.rec)
+	pt = binary.BigEndian.AppendUint64(pt, uint64(time.Now().UnixMilli()))
+	env, _, err := d.ring.Seal("telemetry", append(pt, body...))
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	return env
+}
+
+func (f *fkxEnv) refusals(reason string) int64 {
+	return f.b.Stats().Refusals()[[2]string{"fkx1", reason}]
+}
+
+func (f *fkxEnv) sinkLines() []string {
+	f.t.Helper()
+	b, err := os.ReadFile(f.sinkPath)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	var out []string
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		out = append(out, sc.Text())
+	}
+	return out
+}
+
+// service connects the fleet service and subscribes to telemetry.
+func (f *fkxEnv) service(manualAck bool) (paho.Client, chan paho.Message) {
+	f.t.Helper()
+	cert := f.leaf(f.issuer, identity.RoleService, "analytics")
+	got := make(chan paho.Message, 10000)
+	opts := paho.NewClientOptions().AddBroker("tls://" + f.addr).SetClientID("analytics").SetTLSConfig(f.tlsConfig(&cert)).
+		SetAutoReconnect(false).SetProtocolVersion(4).SetCleanSession(true).SetAutoAckDisabled(manualAck)
+	c := paho.NewClient(opts)
+	if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		f.t.Fatalf("service: %v", tok.Error())
+	}
+	f.t.Cleanup(func() { c.Disconnect(100) })
+	if tok := c.Subscribe("fleet/telemetry/#", 1, func(_ paho.Client, m paho.Message) { got <- m }); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		f.t.Fatalf("service subscribe: %v", tok.Error())
+	}
+	return c, got
+}
+
+func TestFKXTelemetryAndCommands(t *testing.T) {
+	t.Parallel()
+	f := startFKX(t, nil, nil)
+	svc, got := f.service(false)
+	for _, suite := range []sessionkey.Suite{sessionkey.Suite1, sessionkey.Suite2} {
+		d := f.device(map[sessionkey.Suite]string{1: "dev-s1", 2: "dev-s2"}[suite], suite)
+		d.handshake()
+		for _, body := range []string{`{"t":1}`, `{"t":2}`} {
+			d.publish("devices/"+d.id+"/up/telemetry", d.record(body))
+			select {
+			case m := <-got:
+				if m.Topic() != "fleet/telemetry/"+d.id+"/telemetry" || string(m.Payload()) != body {
+					t.Fatalf("service got %s %q", m.Topic(), m.Payload())
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("no telemetry at the service")
+			}
+		}
+		// A command, sealed under the key the device confirmed.
+		if tok := svc.Publish("fleet/commands/"+d.id+"/config", 1, false, "reboot"); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+			t.Fatal(tok.Error())
+		}
+		pt, _, err := d.ring.Open(d.expect("down/config"), "config")
+		if err != nil || string(pt[16:]) != "reboot" || binary.BigEndian.Uint64(pt) == 0 {
+			t.Fatalf("command: %q %v", pt, err)
+		}
+	}
+	if n := len(f.sinkLines()); n != 4 {
+		t.Fatalf("sink holds %d lines", n)
+	}
+	// The kex channel is reserved.
+	before := f.refusals("kex-channel")
+	if tok := svc.Publish("fleet/commands/dev-s1/kex", 1, false, "x"); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatal(tok.Error())
+	}
+	if f.refusals("kex-channel") != before+1 {
+		t.Fatal("a command on the kex channel was not refused")
+	}
+}
+
+// TestFKXEnvelopeAttacks: each refused, counted, and nothing delivered.
+func TestFKXEnvelopeAttacks(t *testing.T) {
+	t.Parallel()
+	f := startFKX(t, nil, nil)
+	_, got := f.service(false)
+	a := f.device("dev-a", sessionkey.Suite1)
+	a.handshake()
+	up := "devices/dev-a/up/telemetry"
+	env := a.record("one")
+	a.publish(up, env)
+	<-got
+
+	// A replayed envelope: acknowledged (so a QoS 1 sender stops), counted,
+	// not stored or delivered again.
+	dups := f.b.FKXStats().Duplicates.Load()
+	a.publish(up, env)
+	waitFor(t, "the duplicate counted", func() bool { return f.b.FKXStats().Duplicates.Load() == dups+1 })
+
+	// Refusals close an MQTT 3.1.1 connection (it has no negative PUBACK);
+	// each case reconnects and rekeys first.
+	attack := func(name, reason string, payload []byte, topic string) {
+		t.Helper()
+		if !a.c.IsConnectionOpen() {
+			a.connect()
+			a.handshake()
+		}
+		before := f.refusals(reason)
+		a.c.Publish(topic, 1, false, payload)
+		waitFor(t, name+" refused as "+reason, func() bool { return f.refusals(reason) == before+1 })
+		waitFor(t, name+": connection closed", func() bool { return !a.c.IsConnectionOpen() })
+	}
+	flipped := a.record("two")
+	flipped[len(flipped)-3] ^= 0x01
+	attack("flipped bit", "auth", flipped, up)
+	a.connect()
+	a.handshake()
+	short := a.record("three")
+	attack("truncated", "auth", short[:len(short)-1], up)
+	attack("plaintext", "malformed", []byte(`{"t":21.5}`), up)
+	attack("kex channel", "kex-channel", a.record("x"), "devices/dev-a/up/kex")
+
+	// An envelope under another device's key id, on A's topic: refused, and
+	// A gets a hint to rekey.
+	b := f.device("dev-b", sessionkey.Suite1)
+	b.handshake()
+	a.connect()
+	a.handshake()
+	attack("another device's key id", "unknown-kid", b.record("b's"), up)
+	if _, err := sessionkey.ParseHint(a.expect("kex/hint")); err != nil {
+		t.Fatalf("hint: %v", err)
+	}
+	if f.b.FKXStats().Hints.Load() == 0 {
+		t.Fatal("hint not counted")
+	}
+	// Exactly the one good record reached the sink and the service.
+	if lines := f.sinkLines(); len(lines) != 1 {
+		t.Fatalf("sink holds %d lines: %q", len(lines), lines)
+	}
+	select {
+	case m := <-got:
+		t.Fatalf("the service got %s %q", m.Topic(), m.Payload())
+	default:
+	}
+}
+
+// TestFKXHandshakeAttacks: each refused and counted, and no msg2 or msg4
+// answers it.
+func TestFKXHandshakeAttacks(t *testing.T) {
+	t.Parallel()
+	f := startFKX(t, []sessionkey.Suite{sessionkey.Suite2}, nil)
+	req := "devices/dev-a/kex/req"
+
+	// A suite downgrade: the gateway answers only suite 2.
+	a := f.device("dev-a", sessionkey.Suite1)
+	m1, _ := a.init.Start()
+	a.publish(req, m1)
+	waitFor(t, "suite-1 msg1 refused", func() bool { return f.refusals("suite") == 1 })
+
+	// msg3 signed with device B's key and credential on A's topic.
+	a.setIdentity(f.leaf(f.issuer, identity.RoleDevice, "dev-b"), sessionkey.Suite2)
+	m1, _ = a.init.Start()
+	a.publish(req, m1)
+	m3, err := a.init.HandleMsg2(a.expect("kex/resp"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.publish(req, m3)
+	waitFor(t, "B's msg3 on A's topic refused", func() bool { return f.refusals("peer-credential") == 1 })
+
+	// A good handshake; then its msg1 and msg3 replayed.
+	a.setIdentity(a.cert, sessionkey.Suite2)
+	msgs := a.handshake()
+	a.publish(req, msgs[0])
+	waitFor(t, "replayed msg1 refused", func() bool { return f.refusals("replayed-msg1") == 1 })
+	// Within 30 s a repeat of msg3 is a QoS 1 duplicate: same msg4 again.
+	a.publish(req, msgs[2])
+	if got := a.expect("kex/resp"); !bytes.Equal(got, msgs[3]) {
+		t.Fatal("a duplicate msg3 did not get the same msg4")
+	}
+	f.clk.Advance(31 * time.Second)
+	a.publish(req, msgs[2])
+	waitFor(t, "old msg3 refused", func() bool { return f.refusals("unexpected") == 1 })
+	if f.b.FKXStats().Handshakes.Load() != 1 {
+		t.Fatalf("%d handshakes completed; want 1", f.b.FKXStats().Handshakes.Load())
+	}
+	select {
+	case m := <-a.in:
+		t.Fatalf("an attack was answered on %s", m.Topic())
+	default:
+	}
+}
+
+// slowFile blocks Sync until released.
+type slowFile struct {
+	*os.File
+	gate chan struct{}
+}
+
+func (s *slowFile) Sync() error {
+	<-s.gate
+	return s.File.Sync()
+}
+
+// TestFKXSlowSink: while the sink cannot fsync, no record is
+// acknowledged; once it can, every record is, and every one is stored.
+func TestFKXSlowSink(t *testing.T) {
+	t.Parallel()
+	gate := make(chan struct{})
+	f := startFKX(t, nil, func(osf *os.File) sink.File { return &slowFile{File: osf, gate: gate} })
+	d := f.device("dev-a", sessionkey.Suite1)
+	d.handshake()
+	const n = 200
+	toks := make([]paho.Token, n)
+	for i := range toks {
+		toks[i] = d.c.Publish("devices/dev-a/up/telemetry", 1, false, d.record("r"))
+	}
+	if toks[0].WaitTimeout(300 * time.Millisecond) {
+		t.Fatal("a record was acknowledged before it was durable")
+	}
+	close(gate)
+	for i, tok := range toks {
+		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("record %d not acknowledged: %v", i, tok.Error())
+		}
+	}
+	if lines := f.sinkLines(); len(lines) != n {
+		t.Fatalf("sink holds %d of %d", len(lines), n)
+	}
+}
+
+// TestFKXSlowSubscriber: a service that stops acknowledging slows the
+// devices down; nothing acknowledged to a device is lost to the service.
+func TestFKXSlowSubscriber(t *testing.T) {
+	t.Parallel()
+	f := startFKX(t, nil, nil)
+	_, got := f.service(true)
+	d := f.device("dev-a", sessionkey.Suite1)
+	d.handshake()
+	const n = 400
+	toks := make([]paho.Token, n)
+	for i := range toks {
+		toks[i] = d.c.Publish("devices/dev-a/up/telemetry", 1, false, d.record("r"))
+	}
+	// The service takes its window of messages and acknowledges none.
+	var held []paho.Message
+	for len(held) < 64 {
+		select {
+		case m := <-got:
+			held = append(held, m)
+		case <-time.After(10 * time.Second):
+			t.Fatalf("the service got %d messages", len(held))
+		}
+	}
+	if toks[n-1].WaitTimeout(300 * time.Millisecond) {
+		t.Fatal("every record was acknowledged while the service held its window: something was dropped or queued without bound")
+	}
+	if f.b.FKXStats().SubscriberWaits.Load() == 0 {
+		t.Fatal("no delivery waited for the subscriber")
+	}
+	// Now it acknowledges: everything flows, and it gets every record.
+	for _, m := range held {
+		m.Ack()
+	}
+	total := len(held)
+	for total < n {
+		select {
+		case m := <-got:
+			m.Ack()
+			total++
+		case <-time.After(10 * time.Second):
+			t.Fatalf("the service got %d of %d", total, n)
+		}
+	}
+	for i, tok := range toks {
+		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("record %d: %v", i, tok.Error())
+		}
+	}
+	if mochiDropped := f.b.mqtt.Info.InflightDropped; mochiDropped != 0 {
+		t.Fatalf("mochi dropped %d messages", mochiDropped)
+	}
+}
