@@ -44,8 +44,12 @@ type Limits struct {
 	ConnectTimeout   time.Duration
 	// MaxPacketSize in bytes, refused before it is allocated. Default 64 KiB.
 	MaxPacketSize uint32
-	// MaxWritesPending per client (mochi's default of 8192 costs ~108 KB a
-	// connection; 128 gives ~42 KB). Default 128.
+	// MaxWritesPending per client: the queue of messages waiting to be
+	// written to it, 8 bytes a slot (mochi's default of 8192 costs ~108 KB
+	// a connection; 128 gives ~42 KB). It also bounds how far a service
+	// subscriber may fall behind before deliveries wait for it (fkx1's
+	// backpressure), so it is what one subscriber connection can take per
+	// round trip. Default 512 (~45 KB a connection).
 	MaxWritesPending int32
 	// MaxClients connected at once. Default 50,000.
 	MaxClients int64
@@ -73,7 +77,7 @@ func (l Limits) withDefaults() Limits {
 		l.MaxPacketSize = 64 << 10
 	}
 	if l.MaxWritesPending == 0 {
-		l.MaxWritesPending = 128
+		l.MaxWritesPending = 512
 	}
 	if l.MaxClients == 0 {
 		l.MaxClients = 50_000
@@ -115,6 +119,11 @@ type Broker struct {
 	clients map[*mqtt.Client]*session
 	revoked map[string]struct{} // serials, lowercase hex
 	fkx     *engine
+	// relayPlaintext is the plaintext baseline of BenchmarkTelemetry, set
+	// only by that benchmark: a device's publish on devices/{id}/up/{ch} is
+	// relayed as it is to fleet/telemetry/{id}/{ch}, so the encrypted path
+	// can be measured against the same relay without crypto or sink.
+	relayPlaintext bool
 }
 
 // session is what the broker knows of a connected client: the identity
@@ -343,7 +352,8 @@ func (h *hook) ID() string { return "fleetkey" }
 
 func (h *hook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnWillSent, mqtt.OnPacketRead, mqtt.OnQosComplete:
+	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnWillSent, mqtt.OnPacketRead, mqtt.OnQosComplete,
+		mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnSessionEstablished:
 		return true
 	}
 	return false
@@ -446,6 +456,10 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 			return pk, err
 		}
 	}
+	if ok && id.Role == identity.RoleDevice && isUp(pk.TopicName) && h.b.relayPlaintext {
+		pk.TopicName = "fleet/telemetry/" + id.Name + pk.TopicName[len("devices/")+len(id.Name)+len("/up"):]
+		return pk, nil
+	}
 	if ok && id.Role == identity.RoleDevice && isUp(pk.TopicName) {
 		h.b.stats.PlaintextRefused.Add(1)
 		return pk, packets.ErrRejectPacket
@@ -480,6 +494,7 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	}
 	s.timer.Stop()
 	if h.b.fkx != nil {
+		h.b.fkx.subscriptionsChanged()
 		h.b.fkx.room.signal()
 		if s.id.Role == identity.RoleDevice {
 			h.b.fkx.disconnected(s.id.Name)
@@ -494,9 +509,30 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	}
 }
 
+// OnSubscribed, OnUnsubscribed and OnSessionEstablished invalidate the
+// session-key layer's cache of who subscribes to what.
+func (h *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, reasonCodes []byte) {
+	if h.b.fkx != nil {
+		h.b.fkx.subscriptionsChanged()
+	}
+}
+
+func (h *hook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
+	if h.b.fkx != nil {
+		h.b.fkx.subscriptionsChanged()
+	}
+}
+
+func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	if h.b.fkx != nil {
+		h.b.fkx.subscriptionsChanged()
+	}
+}
+
 // OnQosComplete wakes deliveries waiting for a subscriber's room.
 func (h *hook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
 	if h.b.fkx != nil {
+		h.b.fkx.subscriptionsChanged()
 		h.b.fkx.room.signal()
 	}
 }

@@ -43,8 +43,9 @@ type Sessions struct {
 	// confirmed; more are refused. Default 64.
 	MaxQueuedCommands int
 	// SubscriberWindow is how many unacknowledged QoS 1 messages a service
-	// subscriber may have before deliveries wait for it (default half of
-	// MaxWritesPending). SubscriberStall is how long they wait before the
+	// subscriber may have before deliveries wait for it (default
+	// MaxWritesPending less a margin for the delivery goroutines, so
+	// mochi's write queue for it never overflows and drops). SubscriberStall is how long they wait before the
 	// subscriber is disconnected, its session keeping what it has not
 	// acknowledged (default 30 s).
 	SubscriberWindow int
@@ -79,7 +80,11 @@ type engine struct {
 	mu      sync.Mutex
 	devices map[string]*deviceState
 
-	room roomSignal
+	room      roomSignal
+	subsGen   atomic.Uint64
+	subsCache sync.Map // topic -> *subsEntry
+	ctx       context.Context
+	shards    []chan func()
 	// writing is the write to a client in progress on the sink's
 	// delivery goroutine, watched so a client that stops reading cannot
 	// stall every device.
@@ -120,7 +125,7 @@ func newEngine(b *Broker, cfg Sessions) (*engine, error) {
 		cfg.MaxQueuedCommands = 64
 	}
 	if cfg.SubscriberWindow == 0 {
-		cfg.SubscriberWindow = int(b.limits.MaxWritesPending / 2)
+		cfg.SubscriberWindow = max(int(b.limits.MaxWritesPending)-deliveryMargin, 1)
 	}
 	if cfg.SubscriberStall == 0 {
 		cfg.SubscriberStall = 30 * time.Second
@@ -148,8 +153,25 @@ func newEngine(b *Broker, cfg Sessions) (*engine, error) {
 	return e, nil
 }
 
-// start runs the workers and the housekeeping until ctx ends.
+// start runs the workers, the delivery shards and the housekeeping until
+// ctx ends.
 func (e *engine) start(ctx context.Context) {
+	e.shards = make([]chan func(), min(max(2, e.cfg.Workers), deliveryMargin))
+	for i := range e.shards {
+		ch := make(chan func(), 1024)
+		e.shards[i] = ch
+		go func() {
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case job := <-ch:
+					job()
+				}
+			}
+		}()
+	}
+	e.ctx = ctx
 	for i := 0; i < e.cfg.Workers; i++ {
 		go func() {
 			for {
@@ -397,6 +419,10 @@ func (e *engine) handshake(id string, msg, leaf []byte) {
 	e.publish("devices/"+id+"/kex/resp", out, nil)
 }
 
+// deliveryMargin bounds the delivery goroutines, each of which may pass
+// the subscriber-room check at once and add one message.
+const deliveryMargin = 8
+
 // recordHeader is u64(record_id) ‖ u64(unix_ms).
 const recordHeader = 16
 
@@ -433,7 +459,37 @@ func (e *engine) up(cl *mqtt.Client, id, channel string, pk packets.Packet) {
 	}
 	e.flushCommands(id, st)
 	rec := sink.Record{Device: id, Channel: channel, RecordID: binary.BigEndian.Uint64(pt), UnixMS: binary.BigEndian.Uint64(pt[8:]), Body: pt[recordHeader:]}
-	err = e.cfg.Sink.Submit(context.Background(), rec, func(r sink.Result) {
+	err = e.cfg.Sink.Submit(context.Background(), rec, func(r sink.Result) { e.onShard(id, func() { e.stored(cl, pk, st, kid, seq, &rec, r) }) })
+	if err != nil {
+		e.b.log.Error("telemetry sink", "err", err)
+		cl.Stop(err)
+	}
+}
+
+// onShard runs job on the delivery goroutine of device id: the sink's
+// results fan out to a few goroutines, each keeping its devices' order,
+// so one slow write does not hold every device's PUBACK.
+func (e *engine) onShard(id string, job func()) {
+	if e.ctx == nil {
+		job()
+		return
+	}
+	h := uint32(2166136261)
+	for i := 0; i < len(id); i++ {
+		h = (h ^ uint32(id[i])) * 16777619
+	}
+	select {
+	case e.shards[h%uint32(len(e.shards))] <- job:
+	case <-e.ctx.Done():
+	}
+}
+
+// stored finishes a record the sink has settled: on success it marks the
+// envelope's seq, delivers the record (unless it was a duplicate) and
+// acknowledges it.
+func (e *engine) stored(cl *mqtt.Client, pk packets.Packet, st *deviceState, kid sessionkey.KID, seq uint64, rec *sink.Record, r sink.Result) {
+	id, channel := rec.Device, rec.Channel
+	{
 		if r.Err != nil {
 			e.stats.SinkFailures.Add(1)
 			e.b.log.Error("telemetry record not stored; closing the device's connection so it resends", "device", id, "err", r.Err)
@@ -444,14 +500,10 @@ func (e *engine) up(cl *mqtt.Client, id, channel string, pk packets.Packet) {
 		if r.Duplicate {
 			e.stats.Duplicates.Add(1)
 		} else {
-			e.deliver("fleet/telemetry/"+id+"/"+channel, &rec)
+			e.deliver("fleet/telemetry/"+id+"/"+channel, rec)
 			e.stats.Records.Add(1)
 		}
 		e.ack(cl, pk)
-	})
-	if err != nil {
-		e.b.log.Error("telemetry sink", "err", err)
-		cl.Stop(err)
 	}
 }
 
@@ -557,15 +609,19 @@ func (r *roomSignal) signal() {
 // fewer than SubscriberWindow messages unacknowledged. One that makes no
 // room for SubscriberStall is disconnected; its session keeps them.
 func (e *engine) waitRoom(topic string) {
-	subs := e.b.mqtt.Topics.Subscribers(topic)
-	check := func(clientID string, sub packets.Subscription) {
-		if sub.Qos == 0 {
-			return
-		}
+	for _, clientID := range e.qos1Subscribers(topic) {
 		cl, ok := e.b.mqtt.Clients.Get(clientID)
 		if !ok || cl.Net.Inline || cl.Closed() || cl.State.Inflight.Len() < e.cfg.SubscriberWindow {
-			return
+			continue
 		}
+		e.waitFor(cl, clientID)
+	}
+}
+
+// waitFor waits until subscriber cl has room, or disconnects it after
+// SubscriberStall.
+func (e *engine) waitFor(cl *mqtt.Client, clientID string) {
+	{
 		e.stats.SubscriberWaits.Add(1)
 		e.room.waiters.Add(1)
 		defer e.room.waiters.Add(-1)
@@ -586,12 +642,42 @@ func (e *engine) waitRoom(topic string) {
 			}
 		}
 	}
+}
+
+// qos1Subscribers lists the client ids with a QoS 1 subscription
+// matching topic (every member of a shared group: mochi picks one, and any
+// may be picked). The answer is cached per topic until a subscription or
+// session changes anywhere (subsGen).
+func (e *engine) qos1Subscribers(topic string) []string {
+	gen := e.subsGen.Load()
+	if c, ok := e.subsCache.Load(topic); ok && c.(*subsEntry).gen == gen {
+		return c.(*subsEntry).ids
+	}
+	subs := e.b.mqtt.Topics.Subscribers(topic)
+	var ids []string
 	for cid, sub := range subs.Subscriptions {
-		check(cid, sub)
+		if sub.Qos > 0 {
+			ids = append(ids, cid)
+		}
 	}
 	for _, group := range subs.Shared {
 		for cid, sub := range group {
-			check(cid, sub)
+			if sub.Qos > 0 {
+				ids = append(ids, cid)
+			}
 		}
 	}
+	e.subsCache.Store(topic, &subsEntry{gen: gen, ids: ids})
+	return ids
+}
+
+type subsEntry struct {
+	gen uint64
+	ids []string
+}
+
+// subscriptionsChanged invalidates the subscriber cache.
+func (e *engine) subscriptionsChanged() {
+	e.subsGen.Add(1)
+	e.subsCache.Clear()
 }

@@ -409,7 +409,7 @@ func TestFKXSlowSink(t *testing.T) {
 // devices down; nothing acknowledged to a device is lost to the service.
 func TestFKXSlowSubscriber(t *testing.T) {
 	t.Parallel()
-	f := startFKX(t, nil, nil)
+	f := startFKX(t, nil, nil, func(s *Sessions) { s.SubscriberWindow = 64 })
 	_, got := f.service(true)
 	d := f.device("dev-a", sessionkey.Suite1)
 	d.handshake()

@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -75,6 +76,22 @@ func benchServe(kind, pki string) int {
 			return 1
 		}
 		go b.Serve(ctx, ln)
+	case "fleetkey-fkx":
+		b, cleanup, err := serveFKX(ctx, Options{Bundle: bundle, Certificate: cert, Limits: Limits{ConnPerSecondPerAddr: 1 << 20}})
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer cleanup()
+		go b.Serve(ctx, ln)
+	case "fleetkey-plain":
+		b, err := New(Options{Bundle: bundle, Certificate: cert, Limits: Limits{ConnPerSecondPerAddr: 1 << 20}})
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		b.relayPlaintext = true
+		go b.Serve(ctx, ln)
 	case "mochi":
 		addr := ln.Addr().String()
 		ln.Close()
@@ -96,6 +113,12 @@ func benchServe(kind, pki string) int {
 		fmt.Fprintf(os.Stderr, "unknown server kind %q\n", kind)
 		return 2
 	}
+	if path := os.Getenv("FLEETKEY_BENCH_CPUPROFILE"); path != "" {
+		if f, err := os.Create(path); err == nil {
+			_ = pprof.StartCPUProfile(f)
+			defer pprof.StopCPUProfile()
+		}
+	}
 	fmt.Printf("ADDR %s\n", ln.Addr().String())
 	_, _ = io.Copy(io.Discard, os.Stdin)
 	return 0
@@ -112,6 +135,7 @@ type benchFleet struct {
 	pki   string
 	roots *x509.CertPool
 	certs []tls.Certificate
+	iss   *authority.Issuer
 }
 
 func newBenchFleet(b *testing.B, n int) *benchFleet {
@@ -133,7 +157,7 @@ func newBenchFleet(b *testing.B, n int) *benchFleet {
 	for _, c := range bundle.Issuing() {
 		roots.AddCert(c)
 	}
-	f := &benchFleet{pki: pki, roots: roots}
+	f := &benchFleet{pki: pki, roots: roots, iss: iss}
 	for i := 0; i < n; i++ {
 		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 		c, err := iss.Issue(&authority.Request{Role: identity.RoleDevice, Name: fmt.Sprintf("load-%05d", i), PublicKey: key.Public()})

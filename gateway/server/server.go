@@ -254,6 +254,10 @@ func (g *Gateway) Serve(ctx context.Context, ln, mln net.Listener) error {
 func (g *Gateway) metrics() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	st := g.broker.Stats()
+	fkx := g.broker.FKXStats()
+	fkxCounter := func(name, help string, v func(*broker.FKXStats) int64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "fleetkey_gateway_" + name, Help: help}, func() float64 { return float64(v(fkx)) })
+	}
 	counter := func(name, help string, v func() float64) prometheus.Collector {
 		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "fleetkey_gateway_" + name, Help: help}, v)
 	}
@@ -273,6 +277,17 @@ func (g *Gateway) metrics() *prometheus.Registry {
 		counter("messages_received_total", "MQTT PUBLISH packets received.", func() float64 { return float64(g.broker.Info().MessagesReceived) }),
 		counter("messages_sent_total", "MQTT PUBLISH packets sent.", func() float64 { return float64(g.broker.Info().MessagesSent) }),
 		refusals{st},
+		fkxCounter("fkx1_handshakes_total", "fkx1 handshakes completed.", func(f *broker.FKXStats) int64 { return f.Handshakes.Load() }),
+		fkxCounter("fkx1_records_total", "Telemetry records stored in the sink and delivered.", func(f *broker.FKXStats) int64 { return f.Records.Load() }),
+		fkxCounter("fkx1_duplicates_total", "Retransmitted records acknowledged and not delivered again.", func(f *broker.FKXStats) int64 { return f.Duplicates.Load() }),
+		fkxCounter("fkx1_envelopes_refused_total", "Envelopes refused (reasons under fleetkey_gateway_refusals_total{stage=\"fkx1\"}).", func(f *broker.FKXStats) int64 { return f.EnvelopesRefused.Load() }),
+		fkxCounter("fkx1_kex_dropped_total", "Handshake messages dropped (refused, or the worker queue full).", func(f *broker.FKXStats) int64 { return f.KexDropped.Load() }),
+		fkxCounter("fkx1_commands_total", "Commands sealed and sent to devices.", func(f *broker.FKXStats) int64 { return f.Commands.Load() }),
+		fkxCounter("fkx1_commands_refused_total", "Commands refused (reserved channel, bad device id, queue full).", func(f *broker.FKXStats) int64 { return f.CommandsRefused.Load() }),
+		fkxCounter("fkx1_hints_total", "Hints sent to devices.", func(f *broker.FKXStats) int64 { return f.Hints.Load() }),
+		fkxCounter("sink_failures_total", "Records the sink could not make durable (not acknowledged; the device resends).", func(f *broker.FKXStats) int64 { return f.SinkFailures.Load() }),
+		fkxCounter("subscriber_waits_total", "Deliveries that waited for a slow service subscriber (backpressure).", func(f *broker.FKXStats) int64 { return f.SubscriberWaits.Load() }),
+		fkxCounter("subscriber_kicks_total", "Service subscribers disconnected after stalling.", func(f *broker.FKXStats) int64 { return f.SubscriberKicks.Load() }),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
 	return reg
@@ -282,7 +297,7 @@ func (g *Gateway) metrics() *prometheus.Registry {
 type refusals struct{ st *broker.Stats }
 
 var refusalsDesc = prometheus.NewDesc("fleetkey_gateway_refusals_total",
-	"Refusals by stage (handshake, connect, acl) and reason.", []string{"stage", "reason"}, nil)
+	"Refusals by stage (handshake, connect, acl, fkx1) and reason.", []string{"stage", "reason"}, nil)
 
 func (r refusals) Describe(ch chan<- *prometheus.Desc) { ch <- refusalsDesc }
 

@@ -77,7 +77,7 @@ func TestServeAndMetrics(t *testing.T) {
 		b, _ := io.ReadAll(r.Body)
 		return r.StatusCode, string(b)
 	}
-	if code, body := get("/metrics"); code != 200 || !strings.Contains(body, "fleetkey_gateway_connections 1") || !strings.Contains(body, "fleetkey_gateway_handshakes_total 1") {
+	if code, body := get("/metrics"); code != 200 || !strings.Contains(body, "fleetkey_gateway_connections 1") || !strings.Contains(body, "fleetkey_gateway_handshakes_total 1") || !strings.Contains(body, "fleetkey_gateway_fkx1_records_total 0") {
 		t.Fatalf("metrics: %d\n%s", code, body)
 	}
 	for _, p := range []string{"/healthz", "/readyz"} {

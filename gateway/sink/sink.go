@@ -348,7 +348,16 @@ func appendLine(dst []byte, r *Record, receivedMS int64) []byte {
 	return append(dst, "}\n"...)
 }
 
+// appendString appends s as a JSON string: as it is when it needs no
+// escaping (ids, channels, most telemetry), else through encoding/json.
 func appendString(dst []byte, s string) []byte {
-	b, _ := json.Marshal(s) // a string always encodes
-	return append(dst, b...)
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			b, _ := json.Marshal(s) // a string always encodes
+			return append(dst, b...)
+		}
+	}
+	dst = append(dst, '"')
+	dst = append(dst, s...)
+	return append(dst, '"')
 }
