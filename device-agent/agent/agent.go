@@ -166,6 +166,14 @@ func New(cfg Config) (*Agent, error) {
 		first = uint64(cfg.Now().UnixMicro())
 	}
 	a.outbox = newOutbox(cfg.Outbox, first, reserve, a.disk, pending)
+	var lastFull atomic.Int64
+	a.outbox.full = func(p FullPolicy) {
+		now := cfg.Now().UnixNano()
+		if last := lastFull.Load(); now-last >= int64(time.Minute) && lastFull.CompareAndSwap(last, now) {
+			a.log.Warn("outbox full: records arrive faster than the gateway acknowledges them", "max", a.outbox.opts.Max, "policy", string(p),
+				"meaning", map[FullPolicy]string{Block: "the source waits", DropOldest: "the oldest unsent record is dropped", Refuse: "new records are refused"}[p])
+		}
+	}
 	a.status = Status{ID: id, Gateway: cfg.Gateway, CertNotAfter: creds.Leaf.NotAfter, PID: os.Getpid()}
 	return a, nil
 }

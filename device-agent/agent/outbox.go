@@ -61,6 +61,9 @@ type Outbox struct {
 	changed chan struct{}
 	dropped int64
 	log     *diskLog
+	// full is told each time a record meets a full outbox (the agent logs
+	// it, at most once a minute).
+	full func(FullPolicy)
 }
 
 // newOutbox starts with record ids from first; reserve persists a new
@@ -98,6 +101,9 @@ func (o *Outbox) Changed() <-chan struct{} {
 func (o *Outbox) Add(ctx context.Context, channel string, body []byte, now time.Time) (uint64, error) {
 	o.mu.Lock()
 	for len(o.recs) >= o.opts.Max {
+		if o.full != nil {
+			o.full(o.opts.Policy)
+		}
 		switch o.opts.Policy {
 		case Refuse:
 			o.mu.Unlock()
@@ -248,6 +254,9 @@ func readDiskLog(f *os.File) ([]Record, int64, error) {
 		if err != nil {
 			return pending, good, nil // end, or a torn tail
 		}
+		if kind != 'A' && kind != 'R' {
+			return nil, 0, fmt.Errorf("unknown entry 0x%02x at byte %d; the file is damaged (move it aside to start an empty outbox)", kind, good)
+		}
 		var hdr [8]byte
 		if _, err := io.ReadFull(r, hdr[:]); err != nil {
 			return pending, good, nil
@@ -286,8 +295,6 @@ func readDiskLog(f *os.File) ([]Record, int64, error) {
 			rec.Channel = string(ch)
 			pending = append(pending, rec)
 			good += int64(1 + 8 + 10 + len(ch) + 4 + int(n))
-		default:
-			return nil, 0, fmt.Errorf("unknown entry 0x%02x at byte %d; the file is damaged", kind, good)
 		}
 	}
 }

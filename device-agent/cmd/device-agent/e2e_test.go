@@ -19,6 +19,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"fleetkey.dev/certs/pkidir"
+	"fleetkey.dev/device-agent/agent"
 )
 
 // stack is the real provisioning service, gateway and device agent, as
@@ -352,4 +353,75 @@ func TestGatewayKilledMidStream(t *testing.T) {
 	if c := strings.Count(string(log), "msg=connected"); c < 2 {
 		t.Fatalf("the agent connected %d times; the kill should have made it reconnect", c)
 	}
+}
+
+// TestEnrollRenewAndRefusals: the agent's EST client against the real
+// provisioning service: refusals come back with the service's reason, a
+// state directory is never overwritten, and a renewal replaces key and
+// certificate together.
+func TestEnrollRenewAndRefusals(t *testing.T) {
+	s := newStack(t)
+	ca := filepath.Join(s.pki, "root.crt")
+	fail := func(want string, args ...string) {
+		t.Helper()
+		out, err := exec.Command(s.agBin, args...).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), want) {
+			t.Fatalf("device-agent %s: %v\n%s\nwant %q", strings.Join(args, " "), err, out, want)
+		}
+	}
+	dir := filepath.Join(s.dir, "refused")
+	fail("401", "enroll", "--provisioning", s.provURL, "--ca", ca, "--token", "fkt_aaaaaaaaaaaa_"+strings.Repeat("b", 43), "--id", "dev-x", "--dir", dir)
+	fail("want https://host:port", "enroll", "--provisioning", "http://localhost:1", "--ca", ca, "--token", "t", "--id", "dev-x", "--dir", dir)
+	fail("enroll needs", "enroll", "--provisioning", s.provURL, "--dir", dir)
+	fail("holds no certificate", "enroll", "--provisioning", s.provURL, "--ca", filepath.Join(s.pki, "gateway.key"), "--token", "t", "--id", "dev-x", "--dir", dir)
+	// Another CA's root: the provisioning service's certificate is refused.
+	other := filepath.Join(s.dir, "other")
+	if _, err := pkidir.Init(other, pkidir.InitOptions{TrustDomain: "other.test", Passphrase: &pkidir.Passphrase{Secret: []byte("another fleet passphrase"), Source: "test"}, Options: pkidir.Options{KDFIterations: 1000}}); err != nil {
+		t.Fatal(err)
+	}
+	fail("certificate signed by unknown authority", "enroll", "--provisioning", s.provURL, "--ca", filepath.Join(other, "root.crt"), "--token", "t", "--id", "dev-x", "--dir", dir)
+	if _, err := os.Stat(filepath.Join(dir, "device.key")); err == nil {
+		t.Fatal("a refused enrollment left a key behind")
+	}
+
+	good := s.enroll("dev-renew")
+	fail("already holds an enrolled device", "enroll", "--provisioning", s.provURL, "--ca", ca, "--token", "t", "--id", "dev-renew", "--dir", good)
+	fail("unknown command", "frobnicate")
+	fail("--suite 3", "run", "--dir", good, "--gateway", s.gwAddr, "--suite", "3")
+	fail("--source", "run", "--dir", good, "--gateway", s.gwAddr, "--source", "carrier-pigeon")
+
+	st := &agent.State{Dir: good}
+	before, err := st.LoadCredentials()
+	if err != nil {
+		t.Fatal(err)
+	}
+	renewed, err := st.Renew(t.Context(), 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, err := st.LoadCredentials()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.Leaf.SerialNumber.Cmp(before.Leaf.SerialNumber) == 0 || !after.Leaf.Equal(renewed.Leaf) {
+		t.Fatal("renewal did not replace the certificate")
+	}
+	if after.Leaf.URIs[0].String() != before.Leaf.URIs[0].String() {
+		t.Fatalf("renewal changed the identity: %s", after.Leaf.URIs[0])
+	}
+	// The new pair connects and runs fkx1.
+	got := make(chan string, 10)
+	s.service(got)
+	p := s.runAgent(good, "--source", "stdin")
+	fmt.Fprintln(p.stdin, `{"after":"renewal"}`)
+	select {
+	case b := <-got:
+		if b != `{"after":"renewal"}` {
+			t.Fatalf("service got %q", b)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no telemetry with the renewed certificate")
+	}
+	p.stdin.Close()
+	p.wait(t, 30*time.Second)
 }
