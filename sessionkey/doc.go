@@ -3,15 +3,16 @@
 // keys with a generation ratchet, the envelope and its replay window. The
 // byte-level specification is ../shared/FKX1.md.
 //
-// Built so far (issue 5, first step): the key schedule below the master
-// secret (HKDF labels, TS[x,g], key and iv per generation), the envelope
-// with its sender (generation jumps, the 4-generation and 2^32 limits) and
-// its receiver (1024-message window, forward derivation of at most 4
-// generations, commit only on a verified tag, wiping of spent secrets), and
-// credentials (chain and reference, with their limits), signatures through
-// crypto.Signer, and the transcript and key derivation (TH1 to TH4, PRK,
-// finish values, MS, kid), the message codecs (msg1 to msg3, hint), and the
-// key exchange of suite 1 (X25519) and suite 2 (X25519MLKEM768).
-// Not yet: the initiator and responder state machines,
-// and the known-answer vectors.
+// What is here: the key schedule below the master secret (HKDF labels,
+// TS[x,g], key and iv per generation); the envelope with its sender
+// (generation jumps, the 4-generation and 2^32 limits) and its receiver
+// (1024-message window, forward derivation, commit only on a verified
+// tag, marks deferred until the record is durable, wiping of spent
+// secrets); credentials, signatures through crypto.Signer, the transcript
+// and key derivation, the message codecs, and the key exchange of suites 1
+// and 2; the initiator and responder state machines (no I/O: bytes in,
+// bytes out); and the keyring of each side (at most 3 live kids, cut-over,
+// retirement, the time ratchet, the epoch policy). Known-answer vectors
+// are in testdata/vectors.json. Where the code decided what the spec
+// leaves open, SPEC.md says so at its top.
 package sessionkey

@@ -112,7 +112,7 @@ func (s *Sender) Seal(channel string, plaintext []byte) ([]byte, error) {
 		return nil, ErrNeedEpoch
 	}
 	g := uint32(seq >> 16)
-	if s.lastSent >= 0 && int64(g) > s.lastSent+maxAhead {
+	if int64(g) > max(s.lastSent, 0)+maxAhead { // before the first envelope, the last counts as generation 0, as on the receiver
 		return nil, ErrNeedEpoch
 	}
 	if err := s.advanceTo(g); err != nil {
@@ -137,6 +137,13 @@ func (s *Sender) Wipe() {
 	wipe(s.ts)
 	s.cur.wipe()
 	s.next = maxSeq
+}
+
+// NeedsEpoch reports whether the next Seal would fail with ErrNeedEpoch:
+// the seq space is spent, or the time ratchet has moved more than 4
+// generations past the last envelope sent.
+func (s *Sender) NeedsEpoch() bool {
+	return s.next >= maxSeq || int64(s.next>>16) > max(s.lastSent, 0)+maxAhead
 }
 
 // KID is the key id the sender seals under.

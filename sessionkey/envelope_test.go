@@ -149,7 +149,16 @@ func TestGenerations(t *testing.T) {
 	if _, err := s3.Seal("t", nil); !errors.Is(err, ErrNeedEpoch) {
 		t.Fatalf("sender jumping 5 generations past its last envelope: %v", err)
 	}
-	far := NewSender(testMS, testKID, D2G, "sensor-1", 5<<16)
+	// A sender refuses to start more than 4 generations up; one that sent
+	// at generation 4 may step to 5, which this receiver must refuse.
+	if _, err := NewSender(testMS, testKID, D2G, "sensor-1", 5<<16).Seal("t", nil); !errors.Is(err, ErrNeedEpoch) {
+		t.Fatalf("a first envelope 5 generations up: %v", err)
+	}
+	far := NewSender(testMS, testKID, D2G, "sensor-1", 4<<16)
+	seal(t, far, "t", nil)
+	if err := far.Jump(); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := r2.Open(seal(t, far, "t", nil), "t"); !errors.Is(err, ErrTooFarAhead) {
 		t.Fatalf("5 generations ahead: %v", err)
 	}

@@ -206,8 +206,8 @@ func (k *Keyring) Mark(kid KID, seq uint64) {
 // Tick applies the clock: it retires epochs past their time and, every
 // GenerationEvery, moves every live sender to its next generation (the
 // time-based ratchet). It reports whether a new epoch is due: the newest
-// is older than EpochEvery, or its sender has reached EpochAtSeq, or there
-// is none.
+// is older than EpochEvery, or its sender has reached EpochAtSeq or can
+// seal no more (NeedsEpoch), or there is none.
 func (k *Keyring) Tick() (epochDue bool) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -225,7 +225,7 @@ func (k *Keyring) Tick() (epochDue bool) {
 		return true
 	}
 	newest := k.epochs[len(k.epochs)-1]
-	return epochDue || now.Sub(newest.Started) >= k.rot.EpochEvery || newest.Send.Seq() >= k.rot.EpochAtSeq
+	return epochDue || now.Sub(newest.Started) >= k.rot.EpochEvery || newest.Send.Seq() >= k.rot.EpochAtSeq || newest.Send.NeedsEpoch()
 }
 
 // Newest returns the newest epoch's kid and when it started.

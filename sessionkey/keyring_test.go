@@ -204,3 +204,33 @@ func TestKeyringRefusals(t *testing.T) {
 		t.Fatalf("marked envelope: %v", err)
 	}
 }
+
+// An idle sender's time ratchet must not outrun the receiver's window
+// before the first envelope: after 5 jumps with nothing sent, the sender
+// asks for a new epoch rather than seal what the receiver would refuse.
+func TestIdleJumpsBeforeFirstEnvelope(t *testing.T) {
+	r := newRig(t, Suite1)
+	dev, gw := pairOfRings(t, r)
+	for i := 0; i < 4; i++ {
+		r.clk.Advance(10 * time.Minute)
+		dev.Tick()
+	}
+	env, _, err := dev.Seal("telemetry", []byte("after 4 idle jumps"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := gw.Open(env, "telemetry"); err != nil {
+		t.Fatalf("4 generations ahead: %v", err)
+	}
+	r2 := newRig(t, Suite1)
+	dev2, _ := pairOfRings(t, r2)
+	for i := 0; i < 5; i++ {
+		r2.clk.Advance(10 * time.Minute)
+		if due := dev2.Tick(); due != (i == 4) {
+			t.Fatalf("after %d idle jumps, epoch due = %v", i+1, due)
+		}
+	}
+	if _, _, err := dev2.Seal("telemetry", nil); !errors.Is(err, ErrNeedEpoch) {
+		t.Fatalf("5 idle jumps: %v; want ErrNeedEpoch", err)
+	}
+}

@@ -470,8 +470,16 @@ func (k *conn) fill() error {
 		binary.BigEndian.PutUint64(pt, r.ID)
 		binary.BigEndian.PutUint64(pt[8:], r.UnixMS)
 		env, _, err := k.a.ring.Seal(r.Channel, append(pt, r.Body...))
+		if errors.Is(err, sessionkey.ErrNeedEpoch) {
+			// The epoch is spent: the record waits for the next one.
+			k.a.outbox.Unnext()
+			if !k.init.Waiting() {
+				return k.startHandshake()
+			}
+			return nil
+		}
 		if err != nil {
-			return fmt.Errorf("sealing record %d: %w", r.ID, err) // a new connection brings a new epoch
+			return fmt.Errorf("sealing record %d: %w", r.ID, err)
 		}
 		tok := k.c.Publish("devices/"+k.a.id+"/up/"+r.Channel, 1, false, env)
 		k.pending = append(k.pending, inflight{id: r.ID, tok: tok})

@@ -157,6 +157,15 @@ func (o *Outbox) Next() (Record, bool) {
 	return r, true
 }
 
+// Unnext gives back the record Next handed out last, unsent.
+func (o *Outbox) Unnext() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.sent > 0 {
+		o.sent--
+	}
+}
+
 // Ack drops record id (and, ids rising, any older one still held).
 func (o *Outbox) Ack(id uint64) {
 	o.mu.Lock()
