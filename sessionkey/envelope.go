@@ -4,8 +4,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-
-	"golang.org/x/crypto/chacha20poly1305"
 )
 
 // The envelope (FKX1.md, Envelope):
@@ -118,9 +116,9 @@ func (s *Sender) Seal(channel string, plaintext []byte) ([]byte, error) {
 	if err := s.advanceTo(g); err != nil {
 		return nil, err
 	}
-	aead, err := chacha20poly1305.New(s.cur.key)
-	if err != nil {
-		return nil, err
+	aead := s.cur.aead
+	if aead == nil {
+		return nil, ErrNeedEpoch // wiped
 	}
 	hdr := appendAAD(make([]byte, 0, 16+len(s.deviceID)+len(channel)), s.kid, seq, s.deviceID, channel)
 	headerLen := 1 + 4 + uvarintLen(seq)
@@ -265,9 +263,9 @@ func (r *Receiver) open(env []byte, channel string, seq uint64, hl int) ([]byte,
 	default:
 		return nil, ErrTooOld
 	}
-	aead, err := chacha20poly1305.New(use.key)
-	if err != nil {
-		return nil, err
+	aead := use.aead
+	if aead == nil {
+		return nil, ErrUnknownKID // wiped
 	}
 	aad := appendAAD(make([]byte, 0, 16+len(r.deviceID)+len(channel)), r.kid, seq, r.deviceID, channel)
 	pt, err := aead.Open(nil, nonceFor(use.iv, seq), env[hl:], aad)

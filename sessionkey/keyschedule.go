@@ -1,10 +1,13 @@
 package sessionkey
 
 import (
+	"crypto/cipher"
 	"crypto/hkdf"
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
+
+	"golang.org/x/crypto/chacha20poly1305"
 )
 
 // labelPrefix starts every HKDF label (FKX1.md, Notation).
@@ -43,9 +46,10 @@ const (
 
 // generation is one generation g of a direction's keys.
 type generation struct {
-	g   uint32
-	key []byte // 32 bytes, ChaCha20-Poly1305
-	iv  [12]byte
+	g    uint32
+	key  []byte // 32 bytes, ChaCha20-Poly1305
+	iv   [12]byte
+	aead cipher.AEAD // made once per generation; holds its own copy of key
 }
 
 // trafficSecret0 is TS[x,0] = L(MS, x, "", 32).
@@ -60,6 +64,7 @@ func nextSecret(ts []byte) []byte { return expandLabel(ts, "upd", nil, 32) }
 func keysOf(ts []byte, g uint32) generation {
 	gen := generation{g: g, key: expandLabel(ts, "key", nil, 32)}
 	copy(gen.iv[:], expandLabel(ts, "iv", nil, 12))
+	gen.aead, _ = chacha20poly1305.New(gen.key) // a 32-byte key never fails
 	return gen
 }
 
@@ -70,7 +75,11 @@ func wipe(b ...[]byte) {
 	}
 }
 
+// wipe zeroes the key and iv and drops the AEAD. x/crypto's AEAD keeps a
+// copy of the key that cannot be zeroed from outside; dropping it leaves
+// that copy to the garbage collector, one per generation.
 func (g *generation) wipe() {
 	clear(g.key)
 	clear(g.iv[:])
+	g.aead = nil
 }
