@@ -45,11 +45,11 @@ type Limits struct {
 	// MaxPacketSize in bytes, refused before it is allocated. Default 64 KiB.
 	MaxPacketSize uint32
 	// MaxWritesPending per client: the queue of messages waiting to be
-	// written to it, 8 bytes a slot (mochi's default of 8192 costs ~108 KB
-	// a connection; 128 gives ~42 KB). It also bounds how far a service
+	// written to it (mochi's default of 8192 costs ~108 KB a connection;
+	// 128 gives ~47 KB, 512 ~55 KB). It also bounds how far a service
 	// subscriber may fall behind before deliveries wait for it (fkx1's
-	// backpressure), so it is what one subscriber connection can take per
-	// round trip. Default 512 (~45 KB a connection).
+	// backpressure). mochi sizes it for every client alike, and devices are
+	// most of the clients, so the default is 128.
 	MaxWritesPending int32
 	// MaxClients connected at once. Default 50,000.
 	MaxClients int64
@@ -77,7 +77,7 @@ func (l Limits) withDefaults() Limits {
 		l.MaxPacketSize = 64 << 10
 	}
 	if l.MaxWritesPending == 0 {
-		l.MaxWritesPending = 512
+		l.MaxWritesPending = 128
 	}
 	if l.MaxClients == 0 {
 		l.MaxClients = 50_000

@@ -85,10 +85,10 @@ type engine struct {
 	subsCache sync.Map // topic -> *subsEntry
 	ctx       context.Context
 	shards    []chan func()
-	// writing is the write to a client in progress on the sink's
-	// delivery goroutine, watched so a client that stops reading cannot
-	// stall every device.
-	writing atomic.Pointer[guardedWrite]
+	// writing holds the writes to clients in progress (*guardedWrite),
+	// watched so a client that stops reading cannot stall the delivery
+	// goroutines, and with them every device.
+	writing sync.Map
 }
 
 type guardedWrite struct {
@@ -345,19 +345,22 @@ func (e *engine) nack(cl *mqtt.Client, pk packets.Packet, why string) {
 // guarded runs a write to cl under the write watchdog.
 func (e *engine) guarded(cl *mqtt.Client, write func() error) {
 	g := &guardedWrite{cl: cl, since: time.Now()}
-	e.writing.Store(g)
+	e.writing.Store(g, struct{}{})
 	_ = write()
-	e.writing.CompareAndSwap(g, nil)
+	e.writing.Delete(g)
 }
 
 // writeStall is how long one write may block before its client is cut off.
 const writeStall = 5 * time.Second
 
 func (e *engine) watchWrites() {
-	if g := e.writing.Load(); g != nil && time.Since(g.since) > writeStall {
-		e.b.log.Warn("client not reading; disconnecting it", "client", g.cl.ID)
-		g.cl.Stop(errors.New("client stopped reading"))
-	}
+	e.writing.Range(func(k, _ any) bool {
+		if g := k.(*guardedWrite); time.Since(g.since) > writeStall {
+			e.b.log.Warn("client not reading; disconnecting it", "client", g.cl.ID)
+			g.cl.Stop(errors.New("client stopped reading"))
+		}
+		return true
+	})
 }
 
 // publish sends payload from the gateway itself, at QoS 1.

@@ -457,3 +457,36 @@ func TestFKXSlowSubscriber(t *testing.T) {
 		t.Fatalf("mochi dropped %d messages", mochiDropped)
 	}
 }
+
+// TestFKXStalledSubscriberAndReader: a service that never acknowledges is
+// disconnected after SubscriberStall (its session keeps what it has not
+// acknowledged), and the devices go on; a client whose write has been
+// stuck past the watchdog's limit is disconnected.
+func TestFKXStalledSubscriberAndReader(t *testing.T) {
+	t.Parallel()
+	f := startFKX(t, nil, nil, func(s *Sessions) { s.SubscriberWindow, s.SubscriberStall = 8, 200*time.Millisecond })
+	svc, _ := f.service(true)
+	d := f.device("dev-a", sessionkey.Suite1)
+	d.handshake()
+	toks := make([]paho.Token, 40)
+	for i := range toks {
+		toks[i] = d.c.Publish("devices/dev-a/up/telemetry", 1, false, d.record("r"))
+	}
+	for i, tok := range toks {
+		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("record %d not acknowledged after the stalled service was cut off: %v", i, tok.Error())
+		}
+	}
+	if f.b.FKXStats().SubscriberKicks.Load() != 1 {
+		t.Fatalf("%d subscriber kicks", f.b.FKXStats().SubscriberKicks.Load())
+	}
+	waitFor(t, "the stalled service disconnected", func() bool { return !svc.IsConnectionOpen() })
+
+	cl, ok := f.b.mqtt.Clients.Get("dev-a")
+	if !ok {
+		t.Fatal("no client dev-a")
+	}
+	f.b.fkx.writing.Store(&guardedWrite{cl: cl, since: time.Now().Add(-writeStall - time.Second)}, struct{}{})
+	f.b.fkx.watchWrites()
+	waitFor(t, "the non-reading client disconnected", func() bool { return !d.c.IsConnectionOpen() })
+}
