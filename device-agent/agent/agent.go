@@ -88,6 +88,9 @@ type Agent struct {
 // Stats counts what the agent saw.
 type Stats struct {
 	Connects, ConnectFailures, Handshakes, HandshakeFailures, Hints, Commands, CommandsRefused, Renewals atomic.Int64
+	// KexRefused counts msg2/msg4 payloads refused (a forged or stale
+	// msg2, a msg2 not from a gateway certificate, a bad msg4).
+	KexRefused atomic.Int64
 }
 
 // New loads the device's state and returns an agent ready to Run.
@@ -535,7 +538,8 @@ func (k *conn) kexResp(b []byte) error {
 	case k.init.Msg3() == nil:
 		m3, err := k.init.HandleMsg2(b, nil)
 		if err != nil {
-			k.a.log.Debug("msg2 dropped", "reason", sessionkey.Reason(err), "err", err)
+			k.a.stats.KexRefused.Add(1)
+			k.a.log.Warn("msg2 refused", "reason", sessionkey.Reason(err), "err", err)
 			return nil
 		}
 		k.step = k.a.cfg.Now()
@@ -549,7 +553,8 @@ func (k *conn) kexResp(b []byte) error {
 			return k.startHandshake()
 		}
 		if err != nil {
-			k.a.log.Debug("msg4 dropped", "reason", sessionkey.Reason(err), "err", err)
+			k.a.stats.KexRefused.Add(1)
+			k.a.log.Warn("msg4 refused", "reason", sessionkey.Reason(err), "err", err)
 			return nil
 		}
 		k.a.ring.Add(ep)

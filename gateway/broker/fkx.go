@@ -106,6 +106,7 @@ type deviceState struct {
 	queued    [][2]string // channel, body
 	connected atomic.Int32
 	leftAt    atomic.Int64 // unix nanos of the last disconnect
+	kexQueued atomic.Int32 // handshake messages waiting for a worker
 }
 
 func newEngine(b *Broker, cfg Sessions) (*engine, error) {
@@ -379,17 +380,39 @@ func (e *engine) kex(cl *mqtt.Client, id string, pk packets.Packet) {
 		return
 	}
 	payload := pk.Payload
+	// What cannot be a msg1 or msg3 is dropped here, on the publisher's
+	// goroutine, for the price of three byte compares.
+	if len(payload) < 3 || len(payload) > sessionkey.MaxKexMessage || payload[0] != 0x01 || (payload[1] != 0x01 && payload[1] != 0x03) {
+		e.refuse("malformed", &e.stats.KexDropped)
+		return
+	}
+	st := e.state(id)
+	// One device holds at most maxKexQueued places in the workers' queue,
+	// so a device flooding kex/req cannot crowd out the others.
+	if st.kexQueued.Add(1) > maxKexQueued {
+		st.kexQueued.Add(-1)
+		e.refuse("kex-flood", &e.stats.KexDropped)
+		return
+	}
 	var leaf []byte
 	if s := e.b.sessionOf(cl); s != nil {
 		leaf = s.leaf
 	}
-	job := func() { e.handshake(id, payload, leaf) }
+	job := func() {
+		st.kexQueued.Add(-1)
+		e.handshake(id, payload, leaf)
+	}
 	select {
 	case e.jobs <- job:
 	default:
+		st.kexQueued.Add(-1)
 		e.refuse("kex-overload", &e.stats.KexDropped)
 	}
 }
+
+// maxKexQueued bounds one device's handshake messages waiting for a
+// worker (a handshake needs one at a time; QoS 1 duplicates may add one).
+const maxKexQueued = 4
 
 func (e *engine) handshake(id string, msg, leaf []byte) {
 	if len(msg) < 2 || len(msg) > sessionkey.MaxKexMessage {

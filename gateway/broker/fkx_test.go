@@ -490,3 +490,40 @@ func TestFKXStalledSubscriberAndReader(t *testing.T) {
 	f.b.fkx.watchWrites()
 	waitFor(t, "the non-reading client disconnected", func() bool { return !d.c.IsConnectionOpen() })
 }
+
+// TestFKXKexFlood: garbage on kex/req is dropped before it costs a
+// worker, and one device cannot hold more than a few places in the
+// workers' queue; its own next handshake still completes.
+func TestFKXKexFlood(t *testing.T) {
+	t.Parallel()
+	f := startFKX(t, nil, nil, func(s *Sessions) { s.Workers = 1 })
+	d := f.device("dev-a", sessionkey.Suite1)
+	before := f.refusals("malformed")
+	d.publish("devices/dev-a/kex/req", []byte{0x01, 0x07, 0x01})
+	d.publish("devices/dev-a/kex/req", make([]byte, 256))
+	waitFor(t, "garbage dropped", func() bool { return f.refusals("malformed") == before+2 })
+	// Block the one worker, then flood: at most maxKexQueued wait.
+	gate := make(chan struct{})
+	f.b.fkx.jobs <- func() { <-gate }
+	m1, _ := d.init.Start()
+	for i := 0; i < 20; i++ {
+		d.c.Publish("devices/dev-a/kex/req", 0, false, m1)
+	}
+	waitFor(t, "flood refused", func() bool { return f.refusals("kex-flood") >= 20-maxKexQueued })
+	close(gate)
+	// The copies that got in are one msg1 and its QoS-style repeats: the
+	// handshake completes from it (repeats of msg2 are skipped).
+	m3, err := d.init.HandleMsg2(d.expect("kex/resp"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.publish("devices/dev-a/kex/req", m3)
+	for {
+		if m := d.expect("kex/resp"); len(m) == 22 {
+			if _, err := d.init.HandleMsg4(m, nil); err != nil {
+				t.Fatal(err)
+			}
+			return
+		}
+	}
+}
