@@ -150,29 +150,28 @@ type Stats struct {
 	WillsSent         atomic.Int64
 	ConnRateLimited   atomic.Int64
 
-	mu      sync.Mutex
-	reasons map[[2]string]int64 // (stage, reason) -> count
+	reasons sync.Map // [2]string{stage, reason} -> *atomic.Int64
 }
 
-// refused counts a refusal at a stage (handshake, connect, acl) with its
-// reason, for the metrics' labels.
+// refused counts a refusal at a stage (handshake, connect, acl, fkx1)
+// with its reason, for the metrics' labels. It takes no lock once a
+// reason has been seen: a flood of refusals must stay cheap.
 func (s *Stats) refused(stage, reason string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.reasons == nil {
-		s.reasons = map[[2]string]int64{}
+	k := [2]string{stage, reason}
+	c, ok := s.reasons.Load(k)
+	if !ok {
+		c, _ = s.reasons.LoadOrStore(k, new(atomic.Int64))
 	}
-	s.reasons[[2]string{stage, reason}]++
+	c.(*atomic.Int64).Add(1)
 }
 
 // Refusals returns the refusal counts by stage and reason.
 func (s *Stats) Refusals() map[[2]string]int64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	out := make(map[[2]string]int64, len(s.reasons))
-	for k, v := range s.reasons {
-		out[k] = v
-	}
+	out := map[[2]string]int64{}
+	s.reasons.Range(func(k, v any) bool {
+		out[k.([2]string)] = v.(*atomic.Int64).Load()
+		return true
+	})
 	return out
 }
 

@@ -316,8 +316,18 @@ func (e *engine) refuse(reason string, c *atomic.Int64) {
 	e.b.stats.refused("fkx1", reason)
 }
 
-// ack sends PUBACK for a QoS 1 packet.
+// ack sends PUBACK for a QoS 1 packet, from the client's own read
+// goroutine: a client that does not read blocks only itself.
 func (e *engine) ack(cl *mqtt.Client, pk packets.Packet) {
+	if pk.FixedHeader.Qos == 0 {
+		return
+	}
+	_ = cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID})
+}
+
+// ackGuarded sends PUBACK from a delivery goroutine, which serves many
+// devices, under the write watchdog.
+func (e *engine) ackGuarded(cl *mqtt.Client, pk packets.Packet) {
 	if pk.FixedHeader.Qos == 0 {
 		return
 	}
@@ -334,10 +344,8 @@ func (e *engine) nack(cl *mqtt.Client, pk packets.Packet, why string) {
 		return
 	}
 	if cl.Properties.ProtocolVersion == 5 {
-		e.guarded(cl, func() error {
-			return cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID,
-				ReasonCode: packets.ErrUnspecifiedError.Code})
-		})
+		_ = cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID,
+			ReasonCode: packets.ErrUnspecifiedError.Code})
 		return
 	}
 	cl.Stop(errors.New("fkx1: envelope refused: " + why))
@@ -529,7 +537,7 @@ func (e *engine) stored(cl *mqtt.Client, pk packets.Packet, st *deviceState, kid
 			e.deliver("fleet/telemetry/"+id+"/"+channel, rec)
 			e.stats.Records.Add(1)
 		}
-		e.ack(cl, pk)
+		e.ackGuarded(cl, pk)
 	}
 }
 
@@ -558,7 +566,7 @@ func (e *engine) hint(cl *mqtt.Client, id string, st *deviceState, kid sessionke
 	if pid, err := cl.NextPacketID(); err == nil {
 		pk.PacketID = uint16(pid)
 		cl.State.Inflight.Set(pk)
-		e.guarded(cl, func() error { return cl.WritePacket(pk) })
+		_ = cl.WritePacket(pk) // on the device's own read goroutine
 	}
 }
 
