@@ -23,6 +23,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -373,7 +374,7 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		h.b.denyConnect("no-identity", "err", err)
 		return false
 	}
-	if cl.ID != id.Name {
+	if !clientIDAllowed(cl.ID, id) {
 		h.b.denyConnect("client-id-mismatch", "client_id", cl.ID, "identity", id.String())
 		return false
 	}
@@ -396,6 +397,22 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		h.b.fkx.connected(id.Name)
 	}
 	return true
+}
+
+// clientIDAllowed binds a client id to the certificate's identity. A
+// device's client id is its device id, exactly. A service or admin may also
+// open several connections as "<name>/<instance>" (a subscriber and a
+// publisher, or a pool of workers): '/' cannot occur in an id, so such a
+// client id never names a device's session or another identity's.
+func clientIDAllowed(clientID string, id identity.ID) bool {
+	if clientID == id.Name {
+		return true
+	}
+	if id.Role != identity.RoleService && id.Role != identity.RoleAdmin {
+		return false
+	}
+	inst, ok := strings.CutPrefix(clientID, id.Name+"/")
+	return ok && identity.ValidateID(inst) == nil
 }
 
 func (b *Broker) denyConnect(reason string, args ...any) {

@@ -698,6 +698,23 @@ func TestServiceRole(t *testing.T) {
 	if e.b.Stats().ACLDenied.Load() != before {
 		t.Fatal("a service command was denied")
 	}
+	// A service may open more connections as <name>/<instance>, and they
+	// do not take over each other's sessions.
+	cert := e.leaf(e.issuer, identity.RoleService, "ingest")
+	worker := e.mustConnect(cert, "ingest/worker-1")
+	if !svc.IsConnectionOpen() || !worker.IsConnectionOpen() {
+		t.Fatal("a second service connection took over the first")
+	}
+	for _, id := range []string{"ingest/", "ingest/a/b", "ingest/+", "ingestx", "other/worker-1"} {
+		if _, err := e.paho(&cert, id); err == nil {
+			t.Fatalf("service connected as %q", id)
+		}
+	}
+	// A device never may: its client id is its id, exactly.
+	dev := e.leaf(e.issuer, identity.RoleDevice, "dev-a")
+	if _, err := e.paho(&dev, "dev-a/2"); err == nil {
+		t.Fatal("a device connected with an instance suffix")
+	}
 }
 
 // TestDeniedQoS1From311: MQTT 3.1.1 has no negative PUBACK. A QoS 1 publish
