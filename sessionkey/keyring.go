@@ -106,6 +106,17 @@ func (k *Keyring) Add(ep *Epoch) {
 	k.epochs = append(k.epochs, &liveEpoch{Epoch: ep})
 }
 
+// Unconfirm makes the gateway wait for a new d2g envelope before it seals
+// again: the device has a new connection, and may have restarted and lost
+// every older kid.
+func (k *Keyring) Unconfirm() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for _, e := range k.epochs {
+		e.confirmed = false
+	}
+}
+
 // Live reports whether kid is a live key id here.
 func (k *Keyring) Live(kid KID) bool {
 	k.mu.Lock()

@@ -258,7 +258,13 @@ func (e *engine) housekeeping() {
 	}
 }
 
-func (e *engine) connected(id string) { e.state(id).connected.Add(1) }
+// connected notes a device's new connection. Commands wait for a d2g
+// envelope on it: a device that restarted has lost every older kid.
+func (e *engine) connected(id string) {
+	st := e.state(id)
+	st.ring.Unconfirm()
+	st.connected.Add(1)
+}
 
 func (e *engine) disconnected(id string) {
 	if st := e.existing(id); st != nil {

@@ -527,3 +527,30 @@ func TestFKXKexFlood(t *testing.T) {
 		}
 	}
 }
+
+// TestFKXCommandsAfterDeviceRestart: a device that restarted has lost its
+// keys; a command sent before its first record on the new connection
+// waits, and then arrives under the new key.
+func TestFKXCommandsAfterDeviceRestart(t *testing.T) {
+	t.Parallel()
+	f := startFKX(t, nil, nil)
+	svc, got := f.service(false)
+	d := f.device("dev-a", sessionkey.Suite1)
+	d.handshake()
+	d.publish("devices/dev-a/up/telemetry", d.record("before"))
+	<-got
+	d.c.Disconnect(100)
+	// The restarted device: new keys, same certificate.
+	d.ring = sessionkey.NewKeyring(false, sessionkey.Rotation{}, f.clk.Now)
+	d.setIdentity(d.cert, sessionkey.Suite1)
+	d.connect()
+	d.handshake()
+	if tok := svc.Publish("fleet/commands/dev-a/config", 1, false, "after restart"); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatal(tok.Error())
+	}
+	d.publish("devices/dev-a/up/telemetry", d.record("after"))
+	pt, _, err := d.ring.Open(d.expect("down/config"), "config")
+	if err != nil || string(pt[16:]) != "after restart" {
+		t.Fatalf("command after the device restarted: %q %v", pt, err)
+	}
+}
