@@ -425,3 +425,26 @@ func TestEnrollRenewAndRefusals(t *testing.T) {
 	p.stdin.Close()
 	p.wait(t, 30*time.Second)
 }
+
+// TestRotationInFlight: with epochs every second and generations every
+// 300 ms, records keep flowing across several rekeys and reach the sink
+// exactly once, in order.
+func TestRotationInFlight(t *testing.T) {
+	s := newStack(t)
+	dir := s.enroll("e2e-rot")
+	want := records("r", 300)
+	src := filepath.Join(s.dir, "slow.sh")
+	script := "for l in $(cat " + filepath.Join(s.dir, "rot.txt") + "); do echo \"$l\"; sleep 0.01; done\n"
+	os.WriteFile(filepath.Join(s.dir, "rot.txt"), []byte(strings.Join(want, "\n")+"\n"), 0o644)
+	os.WriteFile(src, []byte(script), 0o755)
+	p := s.runAgent(dir, "--source", "cmd:sh "+src, "--epoch-every", "1s", "--generation-every", "300ms", "--suite", "2")
+	p.wait(t, 2*time.Minute)
+	s.checkSink("e2e-rot", want)
+	log, _ := os.ReadFile(filepath.Join(s.dir, "e2e-rot-agent.log"))
+	if n := strings.Count(string(log), "msg=\"new epoch\""); n < 3 {
+		t.Fatalf("%d epochs in a run of about 3 s with --epoch-every 1s", n)
+	}
+	if strings.Contains(string(log), "connection ended") || strings.Contains(string(log), "connection lost") {
+		t.Fatalf("a rekey cost the connection:\n%s", log)
+	}
+}

@@ -46,6 +46,8 @@ run flags:
   --outbox-max N      records held until acknowledged (default 10000)
   --outbox-full P     when full: block (default), drop-oldest, refuse
   --outbox-disk       keep the outbox in STATE/outbox.log across restarts
+  --epoch-every D     a new handshake at least this often (default 1h)
+  --generation-every D  a new key generation at least this often (default 10m)
   --exit-when-done    with a finite source, exit once every record is acknowledged
   --log-level L       debug, info (default), warn, error
 `
@@ -133,6 +135,8 @@ func run(ctx context.Context, args []string) error {
 	outFull := fs.String("outbox-full", "block", "outbox policy when full")
 	outDisk := fs.Bool("outbox-disk", false, "keep the outbox on disk")
 	exitDone := fs.Bool("exit-when-done", false, "exit when the source ends and all is acknowledged")
+	epochEvery := fs.Duration("epoch-every", 0, "new handshake interval")
+	genEvery := fs.Duration("generation-every", 0, "new key generation interval")
 	level := fs.String("log-level", "info", "log level")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -143,6 +147,9 @@ func run(ctx context.Context, args []string) error {
 	var lv slog.Level
 	if err := lv.UnmarshalText([]byte(*level)); err != nil {
 		return fmt.Errorf("--log-level: %w", err)
+	}
+	if *epochEvery < 0 || *genEvery < 0 || (*epochEvery > 0 && *epochEvery < time.Second) {
+		return errors.New("--epoch-every is at least 1s, and neither interval may be negative")
 	}
 	if *suite != 1 && *suite != 2 {
 		return fmt.Errorf("--suite %d: want 1 (X25519) or 2 (X25519MLKEM768)", *suite)
@@ -157,6 +164,7 @@ func run(ctx context.Context, args []string) error {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lv}))
 	a, err := agent.New(agent.Config{State: &agent.State{Dir: *dir}, Gateway: *gw, Suite: sessionkey.Suite(*suite), Log: log,
+		Rotation: sessionkey.Rotation{EpochEvery: *epochEvery, GenerationEvery: *genEvery},
 		Outbox: agent.OutboxOptions{Max: *outMax, Policy: policy, Disk: *outDisk}, OnCommand: commandHandler(*onCmd, log)})
 	if err != nil {
 		return err
