@@ -165,7 +165,7 @@ func run(ctx context.Context, args []string) error {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lv}))
 	a, err := agent.New(agent.Config{State: &agent.State{Dir: *dir}, Gateway: *gw, Suite: sessionkey.Suite(*suite), Log: log,
 		Rotation: sessionkey.Rotation{EpochEvery: *epochEvery, GenerationEvery: *genEvery},
-		Outbox: agent.OutboxOptions{Max: *outMax, Policy: policy, Disk: *outDisk}, OnCommand: commandHandler(*onCmd, log)})
+		Outbox:   agent.OutboxOptions{Max: *outMax, Policy: policy, Disk: *outDisk}, OnCommand: commandHandler(*onCmd, log)})
 	if err != nil {
 		return err
 	}
