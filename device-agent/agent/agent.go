@@ -622,6 +622,14 @@ func (k *conn) tick() error {
 	return nil
 }
 
+// renewTime is when to renew leaf: at fraction at of its lifetime, plus a
+// uniform jitter of up to fraction spread of it, so a fleet enrolled in one
+// day does not renew in one minute.
+func renewTime(leaf *x509.Certificate, at, spread float64) time.Time {
+	life := leaf.NotAfter.Sub(leaf.NotBefore)
+	return leaf.NotBefore.Add(time.Duration(float64(life)*at) + jitter(time.Duration(float64(life)*spread)))
+}
+
 // renewLoop renews the certificate at RenewAt of its lifetime, with
 // jitter, and then makes the connection start over with it.
 func (a *Agent) renewLoop(ctx context.Context) {
@@ -630,9 +638,7 @@ func (a *Agent) renewLoop(ctx context.Context) {
 	}
 	attempt := 0
 	for {
-		leaf := a.credentials().Leaf
-		life := leaf.NotAfter.Sub(leaf.NotBefore)
-		at := leaf.NotBefore.Add(time.Duration(float64(life)*a.cfg.RenewAt) + jitter(time.Duration(float64(life)*a.cfg.RenewJitter)))
+		at := renewTime(a.credentials().Leaf, a.cfg.RenewAt, a.cfg.RenewJitter)
 		if attempt > 0 {
 			at = a.cfg.Now().Add(a.backoff(attempt))
 		}

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"fleetkey.dev/certs/authority"
 	"fleetkey.dev/certs/identity"
@@ -105,4 +106,21 @@ func marshalForTest(k *ecdsa.PrivateKey) ([]byte, error) { return keyfile.Marsha
 
 func pemCert(c *x509.Certificate) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+}
+
+func TestRenewTime(t *testing.T) {
+	start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	leaf := &x509.Certificate{NotBefore: start, NotAfter: start.Add(90 * 24 * time.Hour)}
+	lo, hi := start.Add(60*24*time.Hour), start.Add(60*24*time.Hour+108*time.Hour)
+	seen := map[time.Time]bool{}
+	for i := 0; i < 100; i++ {
+		at := renewTime(leaf, 2.0/3, 0.05)
+		if at.Before(lo) || at.After(hi) {
+			t.Fatalf("renewal at %s; want within [%s, %s]", at, lo, hi)
+		}
+		seen[at] = true
+	}
+	if len(seen) < 50 {
+		t.Fatalf("only %d distinct renewal times in 100: no jitter", len(seen))
+	}
 }

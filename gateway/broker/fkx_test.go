@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/binary"
+	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -552,5 +553,72 @@ func TestFKXCommandsAfterDeviceRestart(t *testing.T) {
 	pt, _, err := d.ring.Open(d.expect("down/config"), "config")
 	if err != nil || string(pt[16:]) != "after restart" {
 		t.Fatalf("command after the device restarted: %q %v", pt, err)
+	}
+}
+
+// TestFKXRefusalUnderMQTT5: MQTT 5 has a negative PUBACK, so a refused
+// envelope gets reason 0x80 and the connection stays up.
+func TestFKXRefusalUnderMQTT5(t *testing.T) {
+	t.Parallel()
+	f := startFKX(t, nil, nil)
+	cert := f.leaf(f.issuer, identity.RoleDevice, "dev-5")
+	c, err := tls.Dial("tcp", f.addr, f.tlsConfig(&cert))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	connect := []byte{0, 4, 'M', 'Q', 'T', 'T', 5, 0x02, 0, 30, 0, 0, 5, 'd', 'e', 'v', '-', '5'}
+	if _, err := c.Write(append([]byte{0x10, byte(len(connect))}, connect...)); err != nil {
+		t.Fatal(err)
+	}
+	r := bufio.NewReader(c)
+	readPacket := func() (byte, []byte) {
+		t.Helper()
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		h, err := r.ReadByte()
+		if err != nil {
+			t.Fatalf("reading: %v", err)
+		}
+		n, mult := 0, 1
+		for {
+			d, err := r.ReadByte()
+			if err != nil {
+				t.Fatal(err)
+			}
+			n += int(d&0x7f) * mult
+			mult *= 128
+			if d&0x80 == 0 {
+				break
+			}
+		}
+		body := make([]byte, n)
+		if _, err := io.ReadFull(r, body); err != nil {
+			t.Fatal(err)
+		}
+		return h, body
+	}
+	if h, body := readPacket(); h != 0x20 || len(body) < 2 || body[1] != 0 {
+		t.Fatalf("CONNACK %x % x", h, body)
+	}
+	topic := "devices/dev-5/up/telemetry"
+	for id := byte(1); id <= 2; id++ {
+		pk := binary.BigEndian.AppendUint16(nil, uint16(len(topic)))
+		pk = append(append(append(pk, topic...), 0, id, 0), []byte("plaintext, not an envelope")...)
+		if _, err := c.Write(append([]byte{0x32, byte(len(pk))}, pk...)); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			h, body := readPacket()
+			if h>>4 != 4 {
+				continue // not a PUBACK
+			}
+			if len(body) < 3 || body[1] != id || body[2] != 0x80 {
+				t.Fatalf("PUBACK % x; want packet %d with reason 0x80", body, id)
+			}
+			break
+		}
+	}
+	if f.refusals("malformed") < 2 {
+		t.Fatal("refusals not counted")
 	}
 }
