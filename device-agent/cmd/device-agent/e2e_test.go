@@ -427,12 +427,12 @@ func TestEnrollRenewAndRefusals(t *testing.T) {
 }
 
 // TestRotationInFlight: with epochs every second and generations every
-// 300 ms, records keep flowing across several rekeys and reach the sink
-// exactly once, in order.
+// 300 ms, records keep flowing across rekeys on one connection and reach
+// the sink exactly once, in order.
 func TestRotationInFlight(t *testing.T) {
 	s := newStack(t)
 	dir := s.enroll("e2e-rot")
-	want := records("r", 300)
+	want := records("r", 500)
 	src := filepath.Join(s.dir, "slow.sh")
 	script := "for l in $(cat " + filepath.Join(s.dir, "rot.txt") + "); do echo \"$l\"; sleep 0.01; done\n"
 	os.WriteFile(filepath.Join(s.dir, "rot.txt"), []byte(strings.Join(want, "\n")+"\n"), 0o644)
@@ -441,8 +441,11 @@ func TestRotationInFlight(t *testing.T) {
 	p.wait(t, 2*time.Minute)
 	s.checkSink("e2e-rot", want)
 	log, _ := os.ReadFile(filepath.Join(s.dir, "e2e-rot-agent.log"))
-	if n := strings.Count(string(log), "msg=\"new epoch\""); n < 3 {
-		t.Fatalf("%d epochs in a run of about 3 s with --epoch-every 1s", n)
+	// The source takes at least 5 s (500 records, 10 ms apart); with an
+	// epoch due every second, at least one rekey happens mid-stream even on
+	// a loaded machine.
+	if n := strings.Count(string(log), "msg=\"new epoch\""); n < 2 {
+		t.Fatalf("%d epochs in a run of at least 5 s with --epoch-every 1s", n)
 	}
 	if strings.Contains(string(log), "connection ended") || strings.Contains(string(log), "connection lost") {
 		t.Fatalf("a rekey cost the connection:\n%s", log)
