@@ -195,8 +195,7 @@ func ecdsaPublic(p tpm2.TPM2BPublic) (*ecdsa.PublicKey, error) {
 type Signer struct {
 	d    *Device
 	pub  *ecdsa.PublicKey
-	tpub tpm2.TPM2BPublic
-	tpri tpm2.TPM2BPrivate
+	blob KeyBlob
 }
 
 // Signer checks a key blob and returns a signer over it.
@@ -221,7 +220,7 @@ func (d *Device) Signer(blob *KeyBlob) (*Signer, error) {
 	if !a.FixedTPM || !a.FixedParent || !a.SensitiveDataOrigin || !a.SignEncrypt || a.Restricted {
 		return nil, errors.New("TPM key blob: not a fixedTPM, fixedParent, TPM-made, unrestricted signing key")
 	}
-	return &Signer{d: d, pub: pub, tpub: *tpub, tpri: *tpri}, nil
+	return &Signer{d: d, pub: pub, blob: KeyBlob{Public: tpm2.Marshal(tpub), Private: tpm2.Marshal(tpri)}}, nil
 }
 
 func bytesEqual(a, b []byte) bool { return string(a) == string(b) }
@@ -238,14 +237,9 @@ func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 	d := s.d
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	srk, err := d.srk()
+	key, err := d.load(&s.blob)
 	if err != nil {
 		return nil, err
-	}
-	defer d.flush(srk.ObjectHandle)
-	key, err := tpm2.Load{ParentHandle: tpm2.NamedHandle{Handle: srk.ObjectHandle, Name: srk.Name}, InPrivate: s.tpri, InPublic: s.tpub}.Execute(d.t)
-	if err != nil {
-		return nil, fmt.Errorf("TPM: loading the device key (is this the TPM it was made in?): %w", err)
 	}
 	defer d.flush(key.ObjectHandle)
 	rsp, err := tpm2.Sign{

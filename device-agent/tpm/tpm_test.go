@@ -116,7 +116,7 @@ func TestBlobRefusals(t *testing.T) {
 		t.Fatal(err)
 	}
 	digest := sha256.Sum256(nil)
-	if _, err := s.Sign(rand.Reader, digest[:], crypto.SHA256); err == nil || !strings.Contains(err.Error(), "loading the device key") {
+	if _, err := s.Sign(rand.Reader, digest[:], crypto.SHA256); err == nil || !strings.Contains(err.Error(), "loading a key") {
 		t.Fatalf("a tampered private area: %v", err)
 	}
 }
