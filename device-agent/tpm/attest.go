@@ -38,36 +38,94 @@ var AKTemplate = tpm2.TPMTPublic{
 	}),
 }
 
-// ekCertIndexECC is the NV index of the ECC P-256 EK certificate (TCG EK
-// Credential Profile, "low range").
-const ekCertIndexECC = tpm2.TPMHandle(0x01C0000A)
+// EK certificate NV indices (TCG EK Credential Profile, low range) and
+// the templates their keys come from.
+const (
+	ekCertIndexRSA = tpm2.TPMHandle(0x01C00002) // RSA 2048, most TPMs have it
+	ekCertIndexECC = tpm2.TPMHandle(0x01C0000A) // ECC NIST P-256
+)
 
-// EK is the TPM's endorsement key, from the TCG's ECC P-256 template.
+// EK is the TPM's endorsement key, from a TCG standard template.
 type EK struct {
 	// Public is its TPM2B_PUBLIC, as the TPM reports it.
 	Public []byte
-	// Key is its public key.
+	// Key is its public key (*ecdsa.PublicKey or *rsa.PublicKey).
 	Key crypto.PublicKey
-	// Cert is the manufacturer's EK certificate (DER), if the TPM holds
-	// one in NV; nil otherwise.
+	// Cert is the manufacturer's EK certificate (DER) for this key, if the
+	// TPM holds one in NV; nil otherwise.
 	Cert []byte
 }
 
-// EK reads the endorsement key (recreated from the template: the same key
+// ekTemplate chooses the EK: the ECC P-256 EK if its certificate is in
+// NV, else the RSA 2048 EK if its certificate is, else the ECC P-256 EK
+// (trusted through the allowlist). The choice depends only on the TPM, so
+// it is the same at every call. Caller holds mu.
+func (d *Device) ekTemplate() (tpm2.TPMTPublic, []byte) {
+	if cert := d.readNV(ekCertIndexECC); cert != nil {
+		return tpm2.ECCEKTemplate, cert
+	}
+	if cert := d.readNV(ekCertIndexRSA); cert != nil {
+		return tpm2.RSAEKTemplate, cert
+	}
+	return tpm2.ECCEKTemplate, nil
+}
+
+// createEK makes the EK primary. Caller holds mu and flushes it.
+func (d *Device) createEK() (*tpm2.CreatePrimaryResponse, []byte, error) {
+	tmpl, cert := d.ekTemplate()
+	rsp, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHEndorsement, InPublic: tpm2.New2B(tmpl)}.Execute(d.t)
+	if err != nil {
+		return nil, nil, fmt.Errorf("TPM: creating the endorsement key: %w", err)
+	}
+	return rsp, cert, nil
+}
+
+// EK reads the endorsement key (recreated from its template: the same key
 // on every call) and its certificate, if any.
 func (d *Device) EK() (*EK, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	rsp, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHEndorsement, InPublic: tpm2.New2B(tpm2.ECCEKTemplate)}.Execute(d.t)
-	if err != nil {
-		return nil, fmt.Errorf("TPM: creating the endorsement key: %w", err)
-	}
-	d.flush(rsp.ObjectHandle)
-	key, err := ecdsaPublic(rsp.OutPublic)
+	rsp, cert, err := d.createEK()
 	if err != nil {
 		return nil, err
 	}
-	return &EK{Public: tpm2.Marshal(rsp.OutPublic), Key: key, Cert: d.readNV(ekCertIndexECC)}, nil
+	d.flush(rsp.ObjectHandle)
+	pub, err := rsp.OutPublic.Contents()
+	if err != nil {
+		return nil, fmt.Errorf("TPM: EK public area: %w", err)
+	}
+	key, err := PublicKey(pub)
+	if err != nil {
+		return nil, err
+	}
+	return &EK{Public: tpm2.Marshal(rsp.OutPublic), Key: key, Cert: cert}, nil
+}
+
+// PublicKey converts a TPM public area (ECC or RSA) to a crypto public key.
+func PublicKey(pub *tpm2.TPMTPublic) (crypto.PublicKey, error) {
+	switch pub.Type {
+	case tpm2.TPMAlgECC:
+		parms, err := pub.Parameters.ECCDetail()
+		if err != nil {
+			return nil, err
+		}
+		point, err := pub.Unique.ECC()
+		if err != nil {
+			return nil, err
+		}
+		return tpm2.ECDSAPub(parms, point)
+	case tpm2.TPMAlgRSA:
+		parms, err := pub.Parameters.RSADetail()
+		if err != nil {
+			return nil, err
+		}
+		n, err := pub.Unique.RSA()
+		if err != nil {
+			return nil, err
+		}
+		return tpm2.RSAPub(parms, n)
+	}
+	return nil, fmt.Errorf("TPM: a key of type %v", pub.Type)
 }
 
 // readNV reads an NV index whole, or returns nil when there is none.
@@ -174,9 +232,9 @@ func (d *Device) ActivateCredential(ak *KeyBlob, idObject, encSecret []byte) ([]
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	ek, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHEndorsement, InPublic: tpm2.New2B(tpm2.ECCEKTemplate)}.Execute(d.t)
+	ek, _, err := d.createEK()
 	if err != nil {
-		return nil, fmt.Errorf("TPM: creating the endorsement key: %w", err)
+		return nil, err
 	}
 	defer d.flush(ek.ObjectHandle)
 	a, err := d.load(ak)

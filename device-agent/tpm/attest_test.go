@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
+
+	"fleetkey.dev/device-agent/tpm"
 )
 
 // The provisioning service's side of the checks below is done here in
@@ -30,7 +32,13 @@ func public(t *testing.T, b []byte) *tpm2.TPMTPublic {
 }
 
 func TestAttestationFlow(t *testing.T) {
-	d := openSim(t)
+	testSignerAndAttestation(t, openSim(t))
+}
+
+// testSignerAndAttestation runs the device's half of attestation on d,
+// and checks each answer as the service would.
+func testSignerAndAttestation(t *testing.T, d *tpm.Device) {
+	t.Helper()
 	ek, err := d.EK()
 	if err != nil {
 		t.Fatal(err)
