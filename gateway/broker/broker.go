@@ -21,6 +21,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"strings"
@@ -101,6 +102,9 @@ type Options struct {
 	// none is.
 	IsRevoked func(serial string) bool
 	Limits    Limits
+	// RequireTPM admits only devices whose certificate is TPM-bound (issued
+	// after TPM attestation); services and admins are not affected.
+	RequireTPM bool
 	// Sessions turns on fkx1; nil refuses everything on devices/+/up/.
 	Sessions *Sessions
 	Log      *slog.Logger
@@ -221,13 +225,19 @@ func New(opts Options) (*Broker, error) {
 // verifyConnection refuses, during the TLS handshake, any client that is
 // not a valid, unrevoked device, service or admin of this fleet.
 func (b *Broker) verifyConnection(cs tls.ConnectionState) error {
-	_, err := b.opts.Bundle.Verify(cs.PeerCertificates, trust.VerifyOptions{
+	peer, err := b.opts.Bundle.Verify(cs.PeerCertificates, trust.VerifyOptions{
 		Now:       b.opts.Now(),
 		Roles:     []identity.Role{identity.RoleDevice, identity.RoleService, identity.RoleAdmin},
 		IsRevoked: func(leaf *x509.Certificate) bool { return b.isRevoked(leaf.SerialNumber.Text(16)) },
 	})
+	if err == nil {
+		err = b.checkTPM(peer)
+	}
 	if err != nil {
 		reason := string(trust.ReasonOf(err))
+		if errors.Is(err, errNotTPMBound) {
+			reason = "not-tpm-bound"
+		}
 		if reason == "" {
 			reason = "invalid"
 		}
@@ -236,6 +246,17 @@ func (b *Broker) verifyConnection(cs tls.ConnectionState) error {
 		b.log.Info("TLS client refused", "reason", reason, "err", err)
 	}
 	return err
+}
+
+// errNotTPMBound refuses a device without a TPM-bound certificate when
+// the gateway requires one.
+var errNotTPMBound = errors.New("this gateway admits only TPM-bound device certificates (enroll with TPM attestation)")
+
+func (b *Broker) checkTPM(peer *trust.Peer) error {
+	if b.opts.RequireTPM && peer.ID.Role == identity.RoleDevice && !peer.TPMBound {
+		return fmt.Errorf("%s: %w", peer.ID, errNotTPMBound)
+	}
+	return nil
 }
 
 func (b *Broker) isRevoked(serial string) bool {

@@ -743,3 +743,26 @@ func TestDeniedQoS1From311(t *testing.T) {
 		t.Fatal("the client was disconnected")
 	}
 }
+
+// TestRequireTPM: with RequireTPM, a device needs a TPM-bound certificate;
+// services are not affected.
+func TestRequireTPM(t *testing.T) {
+	t.Parallel()
+	e := startWith(t, nil, func(o *Options) { o.RequireTPM = true })
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ek := make([]byte, 32)
+	rand.Read(ek)
+	c, err := e.issuer.Issue(&authority.Request{Role: identity.RoleDevice, Name: "tpm-dev", PublicKey: key.Public(), TPMEKHash: ek})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bound := tls.Certificate{Certificate: [][]byte{c.Raw}, PrivateKey: key}
+	e.mustConnect(bound, "tpm-dev")
+	if _, err := e.paho(ptr(e.leaf(e.issuer, identity.RoleDevice, "soft-dev")), "soft-dev"); err == nil {
+		t.Fatal("a device without a TPM-bound certificate got in")
+	}
+	if e.b.Stats().Refusals()[[2]string{"handshake", "not-tpm-bound"}] != 1 {
+		t.Fatalf("refusals: %v", e.b.Stats().Refusals())
+	}
+	e.mustConnect(e.leaf(e.issuer, identity.RoleService, "ingest"), "ingest")
+}

@@ -139,6 +139,9 @@ func newEngine(b *Broker, cfg Sessions) (*engine, error) {
 			if err != nil {
 				return err
 			}
+			if err := b.checkTPM(peer); err != nil {
+				return err
+			}
 			if peer.ID.Name != id {
 				return fmt.Errorf("the credential names %s, not %s", peer.ID.Name, id)
 			}

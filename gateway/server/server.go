@@ -61,6 +61,9 @@ type Config struct {
 	MaxPacketSize    uint32        `yaml:"max_packet_size"`
 	MaxClients       int64         `yaml:"max_clients"`
 	BufferSize       int           `yaml:"buffer_size"`
+	// RequireTPM admits only devices with TPM-bound certificates (issued
+	// after TPM attestation). Default false.
+	RequireTPM bool `yaml:"require_tpm"`
 	// TelemetrySink is the JSON-lines file where every decrypted record is
 	// stored (fsync'd) before its PUBACK. Default telemetry.jsonl beside
 	// PKIDir (.fleetkey/telemetry.jsonl).
@@ -178,7 +181,7 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	for _, s := range cfg.Suites {
 		suites = append(suites, sessionkey.Suite(s))
 	}
-	b, err := broker.New(broker.Options{Bundle: bundle, Certificate: cert, Log: log,
+	b, err := broker.New(broker.Options{Bundle: bundle, Certificate: cert, Log: log, RequireTPM: cfg.RequireTPM,
 		Limits: broker.Limits{HandshakeTimeout: cfg.HandshakeTimeout, ConnectTimeout: cfg.ConnectTimeout, MaxPacketSize: cfg.MaxPacketSize, MaxClients: cfg.MaxClients, BufferSize: cfg.BufferSize},
 		Sessions: &broker.Sessions{Identity: sessionkey.Identity{Signer: signer, Chain: cert.Certificate}, Suites: suites, Sink: snk,
 			Rotation: sessionkey.Rotation{GenerationEvery: cfg.GenerationEvery, EpochEvery: cfg.EpochEvery, RetireAfter: cfg.RetireAfter}}})
