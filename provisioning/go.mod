@@ -4,6 +4,7 @@ go 1.26.0
 
 require (
 	fleetkey.dev/certs v0.0.0
+	github.com/google/go-tpm v0.9.8
 	github.com/jackc/pgx/v5 v5.12.0
 	github.com/prometheus/client_golang v1.25.0
 	github.com/rogpeppe/go-internal v1.16.0

@@ -11,7 +11,7 @@ import (
 	"syscall"
 	"testing"
 
-	"fleetkey.dev/device-agent/tpm"
+	"fleetkey.dev/certs/tpm"
 )
 
 // startSWTPM runs Debian's swtpm on a Unix socket in a temp dir and

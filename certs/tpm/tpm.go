@@ -1,5 +1,7 @@
 // Package tpm keeps a device's key inside its TPM 2.0 and signs with it.
 //
+// It is shared by the device agent and by the provisioning service's tests.
+//
 // The device key is an ECC P-256 signing key made by the TPM under the
 // storage root key (SRK, the TCG's ECC SRK template, so it is the same on
 // every boot): non-restricted, fixedTPM, fixedParent, sensitiveDataOrigin.

@@ -8,7 +8,7 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/google/go-tpm/tpm2/transport/simulator"
 
-	"fleetkey.dev/device-agent/tpm"
+	"fleetkey.dev/certs/tpm"
 )
 
 func init() {

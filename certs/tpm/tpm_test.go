@@ -17,9 +17,8 @@ import (
 	"testing"
 	"time"
 
-	"fleetkey.dev/device-agent/tpm"
-	_ "fleetkey.dev/device-agent/tpm/tpmsim"
-	"fleetkey.dev/sessionkey"
+	"fleetkey.dev/certs/tpm"
+	_ "fleetkey.dev/certs/tpm/tpmsim"
 )
 
 // The simulator is one process-wide TPM; the tests share it in turn.
@@ -76,15 +75,6 @@ func TestDeviceKeySigns(t *testing.T) {
 	close(errs)
 	for err := range errs {
 		t.Fatalf("concurrent signature: %v", err)
-	}
-	// fkx1 signs through it.
-	th := sha256.Sum256([]byte("transcript"))
-	fsig, err := sessionkey.Sign(s, rand.Reader, sessionkey.ContextDevice, th[:])
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sessionkey.Verify(pub, sessionkey.ContextDevice, th[:], fsig); err != nil {
-		t.Fatalf("fkx1 signature: %v", err)
 	}
 	// Only SHA-256 digests.
 	if _, err := s.Sign(rand.Reader, digest[:], crypto.SHA384); err == nil {

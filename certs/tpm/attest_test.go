@@ -10,7 +10,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"fleetkey.dev/device-agent/tpm"
+	"fleetkey.dev/certs/tpm"
 )
 
 // The provisioning service's side of the checks below is done here in
