@@ -1,10 +1,19 @@
 // Package tpmsim registers the in-process TPM 2.0 simulator (the
 // Microsoft reference implementation, through go-tpm-tools; it needs cgo)
 // as --tpm sim. Only tests and the fleet simulator import it, so the
-// device agent itself builds without cgo.
+// device agent itself builds without cgo. It also starts Debian's swtpm
+// for tests (StartSWTPM).
 package tpmsim
 
 import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/google/go-tpm/tpm2/transport/simulator"
 
@@ -13,4 +22,41 @@ import (
 
 func init() {
 	tpm.Register("sim", func(string) (transport.TPMCloser, error) { return simulator.OpenSimulator() })
+}
+
+// StartSWTPM runs Debian's swtpm on a Unix socket in a temp dir and
+// returns its --tpm spec; with ekCert, swtpm_setup first manufactures the
+// TPM with EK certificates from swtpm's local CA. It skips when swtpm is
+// not installed (.ci/run installs it).
+func StartSWTPM(t testing.TB, ekCert bool) string {
+	t.Helper()
+	if _, err := exec.LookPath("swtpm"); err != nil {
+		t.Skip("swtpm is not installed (apt-get install swtpm swtpm-tools); .ci/run installs it")
+	}
+	dir := t.TempDir()
+	if ekCert {
+		if _, err := exec.LookPath("swtpm_setup"); err != nil {
+			t.Skip("swtpm_setup is not installed (apt-get install swtpm-tools)")
+		}
+		out, err := exec.Command("swtpm_setup", "--tpm2", "--tpmstate", dir, "--create-ek-cert", "--create-platform-cert", "--overwrite").CombinedOutput()
+		if err != nil {
+			t.Fatalf("swtpm_setup: %v\n%s", err, out)
+		}
+	}
+	sock, pid := filepath.Join(dir, "tpm.sock"), filepath.Join(dir, "swtpm.pid")
+	// --daemon returns once the socket is listening.
+	out, err := exec.Command("swtpm", "socket", "--tpm2", "--tpmstate", "dir="+dir,
+		"--server", "type=unixio,path="+sock, "--ctrl", "type=unixio,path="+filepath.Join(dir, "ctrl.sock"),
+		"--flags", "startup-clear", "--daemon", "--pid", "file="+pid).CombinedOutput()
+	if err != nil {
+		t.Fatalf("swtpm: %v\n%s", err, out)
+	}
+	t.Cleanup(func() {
+		if b, err := os.ReadFile(pid); err == nil {
+			if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+				syscall.Kill(n, syscall.SIGTERM)
+			}
+		}
+	})
+	return "swtpm:unix:" + sock
 }
