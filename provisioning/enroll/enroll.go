@@ -9,6 +9,7 @@ package enroll
 
 import (
 	"context"
+	"crypto"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
@@ -87,31 +88,54 @@ type Result struct {
 // use. An id already enrolled with another key is a conflict (409) unless
 // the token allows re-provisioning, which revokes the old certificate.
 func (s *Service) Enroll(ctx context.Context, presented string, req Request) (*Result, error) {
+	return s.enroll(ctx, presented, req, nil)
+}
+
+// Attested is what TPM attestation proved: the EK (by hash) and the key
+// the AK certified, which the CSR must carry.
+type Attested struct {
+	EKHash []byte
+	Key    crypto.PublicKey
+	// Name is the device id the attestation session was opened for.
+	Name string
+}
+
+// EnrollAttested enrolls after TPM attestation: as Enroll, except that a
+// token that requires TPM is satisfied, the CSR's key must be the
+// certified key, and the certificate is TPM-bound to the EK.
+func (s *Service) EnrollAttested(ctx context.Context, presented string, req Request, att *Attested) (*Result, error) {
+	return s.enroll(ctx, presented, req, att)
+}
+
+func (s *Service) enroll(ctx context.Context, presented string, req Request, att *Attested) (*Result, error) {
 	ev := registry.AuditEvent{Action: "enroll", RemoteAddr: req.RemoteAddr, Actor: "token:?"}
+	if att != nil {
+		ev.Action = "attest-enroll"
+	}
 	tokenID, presentedHash, err := token.Parse(presented)
 	if err != nil {
 		return nil, s.refused(ctx, ev, refuse(http.StatusUnauthorized, "bad-token", "the enrollment token is malformed"))
 	}
 	ev.Actor = "token:" + tokenID
-	tok, err := s.Store.GetToken(ctx, tokenID)
-	if errors.Is(err, registry.ErrNotFound) || (err == nil && !token.Matches(presentedHash, tok.Hash)) {
-		return nil, s.refused(ctx, ev, refuse(http.StatusUnauthorized, "bad-token", "the enrollment token is not valid"))
-	}
+	tok, ref, err := s.checkToken(ctx, tokenID, presentedHash, att != nil)
 	if err != nil {
-		return nil, fmt.Errorf("looking up token: %w", err)
+		return nil, err
 	}
-	now := s.now()
-	switch {
-	case tok.Disabled:
-		return nil, s.refused(ctx, ev, refuse(http.StatusUnauthorized, "token-disabled", "the enrollment token was disabled by an operator"))
-	case !now.Before(tok.ExpiresAt):
-		return nil, s.refused(ctx, ev, refuse(http.StatusUnauthorized, "token-expired", "the enrollment token expired at %s", tok.ExpiresAt.UTC().Format(time.RFC3339)))
-	case tok.RequireTPM:
-		return nil, s.refused(ctx, ev, refuse(http.StatusForbidden, "tpm-required", "this enrollment token requires TPM attestation (/attest/v1); plain EST enrollment is refused"))
+	if ref != nil {
+		return nil, s.refused(ctx, ev, ref)
 	}
 	creq, err := s.checkCSR(req.CSR, "")
 	if err != nil {
 		return nil, s.refused(ctx, ev, err)
+	}
+	if att != nil && creq.Name != att.Name {
+		return nil, s.refused(ctx, ev, refuse(http.StatusBadRequest, "csr-id-mismatch", "the CSR asks for %q, but the attestation session is for %q", creq.Name, att.Name))
+	}
+	if att != nil {
+		if k, ok := creq.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(att.Key) {
+			return nil, s.refused(ctx, ev, refuse(http.StatusBadRequest, "csr-key-not-certified", "the CSR's key is not the key the TPM certified"))
+		}
+		creq.TPMEKHash = att.EKHash
 	}
 	ev.Subject = creq.Name
 	if !strings.HasPrefix(creq.Name, tok.Prefix) {
@@ -203,6 +227,54 @@ func (s *Service) Reenroll(ctx context.Context, peer *trust.Peer, req Request) (
 	}
 	ev.Reason = "renewed; previous certificate " + serial
 	return s.issue(ctx, creq, req.CSR, keyHash, dev, true, registry.IssueRecord{ExpectSerial: serial}, ev)
+}
+
+// CheckToken checks an enrollment token before an attestation session
+// starts (the session is bound to it; Enroll checks it again at the end,
+// and spends a use then). deviceID must fit the token's prefix.
+func (s *Service) CheckToken(ctx context.Context, presented, deviceID, remote string) error {
+	ev := registry.AuditEvent{Action: "attest-start", RemoteAddr: remote, Actor: "token:?", Subject: deviceID}
+	tokenID, presentedHash, err := token.Parse(presented)
+	if err != nil {
+		return s.refused(ctx, ev, refuse(http.StatusUnauthorized, "bad-token", "the enrollment token is malformed"))
+	}
+	ev.Actor = "token:" + tokenID
+	tok, ref, err := s.checkToken(ctx, tokenID, presentedHash, true)
+	if err != nil {
+		return err
+	}
+	if ref == nil && !strings.HasPrefix(deviceID, tok.Prefix) {
+		ref = refuse(http.StatusForbidden, "id-not-allowed", "device id %q does not start with this token's prefix %q", deviceID, tok.Prefix)
+	}
+	if ref == nil && tok.Uses >= tok.MaxUses && tok.MaxUses > 0 {
+		ref = refuse(http.StatusForbidden, "token-spent", "the enrollment token has no uses left")
+	}
+	if ref != nil {
+		return s.refused(ctx, ev, ref)
+	}
+	return nil
+}
+
+// checkToken looks a token up and checks it is usable now; attested says
+// whether TPM attestation backs the request.
+func (s *Service) checkToken(ctx context.Context, tokenID string, presentedHash []byte, attested bool) (registry.Token, *Refusal, error) {
+	tok, err := s.Store.GetToken(ctx, tokenID)
+	if errors.Is(err, registry.ErrNotFound) || (err == nil && !token.Matches(presentedHash, tok.Hash)) {
+		return tok, refuse(http.StatusUnauthorized, "bad-token", "the enrollment token is not valid"), nil
+	}
+	if err != nil {
+		return tok, nil, fmt.Errorf("looking up token: %w", err)
+	}
+	now := s.now()
+	switch {
+	case tok.Disabled:
+		return tok, refuse(http.StatusUnauthorized, "token-disabled", "the enrollment token was disabled by an operator"), nil
+	case !now.Before(tok.ExpiresAt):
+		return tok, refuse(http.StatusUnauthorized, "token-expired", "the enrollment token expired at %s", tok.ExpiresAt.UTC().Format(time.RFC3339)), nil
+	case tok.RequireTPM && !attested:
+		return tok, refuse(http.StatusForbidden, "tpm-required", "this enrollment token requires TPM attestation (/attest/v1); plain EST enrollment is refused"), nil
+	}
+	return tok, nil, nil
 }
 
 func (s *Service) checkCSR(der []byte, name string) (*authority.Request, error) {

@@ -143,9 +143,9 @@ func (h *Handler) csrattrsHandler(w http.ResponseWriter, r *http.Request) {
 
 func (h *Handler) enrollHandler(w http.ResponseWriter, r *http.Request) {
 	const endpoint = "simpleenroll"
-	remote := clientAddr(r)
+	remote := ClientAddr(r)
 	actor := "token:?"
-	tok, hasTok := bearerOrBasic(r)
+	tok, hasTok := BearerOrBasic(r)
 	if id, _, err := token.Parse(tok); hasTok && err == nil {
 		actor = "token:" + id
 	}
@@ -175,7 +175,7 @@ func (h *Handler) enrollHandler(w http.ResponseWriter, r *http.Request) {
 
 func (h *Handler) reenrollHandler(w http.ResponseWriter, r *http.Request) {
 	const endpoint = "simplereenroll"
-	remote := clientAddr(r)
+	remote := ClientAddr(r)
 	if ref := h.limit(h.limitIP, "addr:"+remote); ref != nil {
 		h.refuse(w, r, endpoint, "device:?", ref)
 		return
@@ -197,7 +197,7 @@ func (h *Handler) reenrollHandler(w http.ResponseWriter, r *http.Request) {
 // refuse audits a refusal made here, before the enrollment decision, and
 // answers it.
 func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, endpoint, actor string, ref *enroll.Refusal) {
-	h.svc.Refuse(r.Context(), strings.TrimPrefix(endpoint, "simple"), actor, clientAddr(r), ref)
+	h.svc.Refuse(r.Context(), strings.TrimPrefix(endpoint, "simple"), actor, ClientAddr(r), ref)
 	h.writeRefusal(w, endpoint, ref)
 }
 
@@ -222,7 +222,7 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, endpoint strin
 			h.observe(endpoint, "canceled")
 			return
 		}
-		h.log.Error("enrollment failed", "endpoint", endpoint, "err", err, "remote", clientAddr(r))
+		h.log.Error("enrollment failed", "endpoint", endpoint, "err", err, "remote", ClientAddr(r))
 		http.Error(w, "internal error; the request was not completed and can be retried", http.StatusInternalServerError)
 		h.observe(endpoint, "error")
 		return
@@ -299,9 +299,9 @@ func PeerOf(r *http.Request, bundle *trust.Bundle, now time.Time, isRevoked func
 	return bundle.Verify(r.TLS.PeerCertificates, trust.VerifyOptions{Now: now, Roles: roles, IsRevoked: isRevoked})
 }
 
-// bearerOrBasic returns the token from "Bearer <t>" or from the password
+// BearerOrBasic returns the token from "Bearer <t>" or from the password
 // of "Basic base64(user:t)".
-func bearerOrBasic(r *http.Request) (string, bool) {
+func BearerOrBasic(r *http.Request) (string, bool) {
 	auth := r.Header.Get("Authorization")
 	if len(auth) > 1024 {
 		return "", false
@@ -321,9 +321,9 @@ func challenge(w http.ResponseWriter) {
 	w.Header().Add("WWW-Authenticate", `Basic realm="fleetkey-est"`)
 }
 
-// clientAddr is the peer's IP (no port); fleetkey is reached directly, so
+// ClientAddr is the peer's IP (no port); fleetkey is reached directly, so
 // X-Forwarded-For is not trusted.
-func clientAddr(r *http.Request) string {
+func ClientAddr(r *http.Request) string {
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
 		return r.RemoteAddr

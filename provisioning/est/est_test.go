@@ -71,9 +71,9 @@ func TestBearerOrBasic(t *testing.T) {
 			if c.header != "" {
 				r.Header.Set("Authorization", c.header)
 			}
-			got, ok := bearerOrBasic(r)
+			got, ok := BearerOrBasic(r)
 			if got != c.want || ok != c.ok {
-				t.Fatalf("bearerOrBasic(%q) = %q, %v", c.header, got, ok)
+				t.Fatalf("BearerOrBasic(%q) = %q, %v", c.header, got, ok)
 			}
 		})
 	}

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -44,6 +45,13 @@ type Config struct {
 	// CRLLifetime is the nextUpdate distance of served CRLs. Default 24h.
 	CRLLifetime time.Duration `yaml:"crl_lifetime"`
 	Limits      Limits        `yaml:"limits"`
+	// TPM attestation (/attest/v1). EKAllowlist holds SHA-256 hashes (hex)
+	// of trusted EK public keys (SubjectPublicKeyInfo DER); EKRoots are PEM
+	// files of TPM manufacturers' CAs (roots and intermediates), whose EK
+	// certificates make an EK trusted. With neither, attestation refuses
+	// every EK.
+	EKAllowlist []string `yaml:"ek_allowlist"`
+	EKRoots     []string `yaml:"ek_roots"`
 }
 
 // Limits bound what clients can make the service do.
@@ -127,6 +135,11 @@ func (c Config) withDefaults() Config {
 // fault.
 func (c Config) Validate() error {
 	c = c.withDefaults()
+	for _, h := range c.EKAllowlist {
+		if b, err := hex.DecodeString(h); err != nil || len(b) != 32 {
+			return fmt.Errorf("config ek_allowlist: %q is not a SHA-256 in hex (64 hex digits)", h)
+		}
+	}
 	for key, addr := range map[string]string{"listen": c.Listen, "metrics_listen": c.MetricsListen} {
 		if key == "metrics_listen" && addr == "off" {
 			continue

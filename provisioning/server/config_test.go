@@ -36,6 +36,7 @@ func TestConfigRefusals(t *testing.T) {
 		{"fail/ip", "host_ips: [notanip]\n", "config host_ips"},
 		{"fail/key-type", "key_types: [dsa]\n", "config key_types"},
 		{"fail/negative", "limits: {max_concurrent: -1}\n", "limits.max_concurrent"},
+		{"fail/ek-hash", "ek_allowlist: [abc]\n", "ek_allowlist"},
 		{"fail/duration-syntax", "device_validity: 90 days\n", "line 1: cannot unmarshal !!str `90 days` into time.Duration"},
 	}
 	for _, c := range cases {

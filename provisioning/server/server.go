@@ -5,17 +5,22 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -27,6 +32,7 @@ import (
 	"fleetkey.dev/certs/identity"
 	"fleetkey.dev/certs/pkidir"
 	"fleetkey.dev/certs/trust"
+	"fleetkey.dev/provisioning/attest"
 	"fleetkey.dev/provisioning/enroll"
 	"fleetkey.dev/provisioning/est"
 	"fleetkey.dev/provisioning/registry"
@@ -119,6 +125,12 @@ func New(ctx context.Context, cfg Config, opts Options) (*Server, error) {
 	}
 	mux := http.NewServeMux()
 	estH.Register(mux)
+	ekTrust, err := loadEKTrust(cfg)
+	if err != nil {
+		return nil, err
+	}
+	(&attest.Handler{Svc: s.enroll, Trust: ekTrust, Log: s.log, Now: s.now,
+		AddrLimiter: newRateLimiter(cfg.Limits.EnrollPerMinutePerAddr, s.now)}).Register(mux)
 	mux.HandleFunc("GET /crl", s.serveCRL)
 	mux.HandleFunc("GET /revocations/v1/stream", s.serveFeed)
 	s.registerAdmin(mux)
@@ -404,3 +416,33 @@ func (n *notifier) isClosed() bool {
 
 // Config returns the configuration in force, defaults filled in.
 func (s *Server) Config() Config { return s.cfg }
+
+// loadEKTrust builds the attestation's EK trust from the configuration.
+func loadEKTrust(cfg Config) (*attest.EKTrust, error) {
+	allowed := map[string]bool{}
+	for _, h := range cfg.EKAllowlist {
+		allowed[strings.ToLower(h)] = true
+	}
+	t := &attest.EKTrust{Allowed: func(hash []byte) (bool, error) { return allowed[hex.EncodeToString(hash)], nil }}
+	if len(cfg.EKRoots) > 0 {
+		t.Roots, t.Intermediates = x509.NewCertPool(), x509.NewCertPool()
+		for _, path := range cfg.EKRoots {
+			data, err := os.ReadFile(path)
+			if err != nil {
+				return nil, fmt.Errorf("config ek_roots: %w", err)
+			}
+			certs, err := trust.ParseCertificatesPEM(data)
+			if err != nil || len(certs) == 0 {
+				return nil, fmt.Errorf("config ek_roots: %s holds no PEM certificate: %v", path, err)
+			}
+			for _, c := range certs {
+				if bytes.Equal(c.RawSubject, c.RawIssuer) {
+					t.Roots.AddCert(c)
+				} else {
+					t.Intermediates.AddCert(c)
+				}
+			}
+		}
+	}
+	return t, nil
+}
