@@ -225,6 +225,9 @@ func (a *Agent) setStatus(f func(*Status)) {
 // with backoff. It returns nil when ctx ends.
 func (a *Agent) Run(ctx context.Context) error {
 	defer func() {
+		if a.cfg.Credentials == nil {
+			_ = a.credentials().Close()
+		}
 		a.ring.Wipe()
 		if a.disk != nil {
 			_ = a.disk.close()
@@ -645,7 +648,7 @@ func (a *Agent) renewLoop(ctx context.Context) {
 		if !sleepCtx(ctx, at.Sub(a.cfg.Now())) {
 			return
 		}
-		creds, err := a.cfg.State.Renew(ctx, 30*time.Second)
+		creds, err := a.cfg.State.Renew(ctx, a.credentials(), 30*time.Second)
 		if err != nil {
 			attempt++
 			a.log.Warn("certificate renewal failed; will retry", "err", err)

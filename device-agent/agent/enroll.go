@@ -11,6 +11,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/base64"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -23,6 +24,7 @@ import (
 	"github.com/smallstep/pkcs7"
 
 	"fleetkey.dev/certs/identity"
+	"fleetkey.dev/certs/keyfile"
 	"fleetkey.dev/certs/trust"
 )
 
@@ -45,6 +47,9 @@ type EnrollOptions struct {
 	// key goes here in issue 6).
 	Key     crypto.Signer
 	Timeout time.Duration // default 30 s
+	// TPM, when set (/dev/tpmrm0, swtpm:unix:PATH, sim...), makes the key
+	// inside that TPM and enrolls through TPM attestation (/attest/v1).
+	TPM string
 }
 
 // Enroll generates the device key, enrolls through EST simpleenroll,
@@ -62,11 +67,28 @@ func (s *State) Enroll(ctx context.Context, o EnrollOptions) (*x509.Certificate,
 	if o.Token == "" {
 		return nil, errors.New("an enrollment token is required (--token)")
 	}
-	if _, err := os.Stat(s.path(KeyFile)); err == nil {
-		return nil, fmt.Errorf("%s already holds an enrolled device; use a fresh directory", s.Dir)
+	for _, f := range []string{KeyFile, TPMKeyFile} {
+		if _, err := os.Stat(s.path(f)); err == nil {
+			return nil, fmt.Errorf("%s already holds an enrolled device; use a fresh directory", s.Dir)
+		}
 	}
 	if err := os.MkdirAll(s.Dir, 0o700); err != nil {
 		return nil, err
+	}
+	if o.TPM != "" {
+		client := estClient(o.RootCAs, nil, o.Timeout)
+		bundle, err := fetchCACerts(ctx, client, base)
+		if err != nil {
+			return nil, err
+		}
+		leaf, err := s.enrollTPM(ctx, o, client, strings.TrimSuffix(o.Provisioning, "/"), bundle)
+		if err != nil {
+			return nil, err
+		}
+		if err := os.WriteFile(s.path(BundleFile), bundle.PEM(), 0o644); err != nil {
+			return nil, err
+		}
+		return leaf, s.WriteMeta(Meta{ID: o.ID, Provisioning: strings.TrimSuffix(o.Provisioning, "/")})
 	}
 	key := o.Key
 	if key == nil {
@@ -99,20 +121,32 @@ func (s *State) Enroll(ctx context.Context, o EnrollOptions) (*x509.Certificate,
 }
 
 // Renew re-enrolls through EST simplereenroll, authenticated by the
-// current certificate over mTLS, with a new key. The new pair replaces the
-// old one only once it is complete on disk.
-func (s *State) Renew(ctx context.Context, timeout time.Duration) (*Credentials, error) {
+// current certificate (cur) over mTLS. A software key is replaced by a new
+// one, and the new pair replaces the old only once it is complete on disk;
+// a TPM key stays (the service renews a TPM-bound device only for its
+// attested key), and only the certificate is replaced.
+func (s *State) Renew(ctx context.Context, cur *Credentials, timeout time.Duration) (*Credentials, error) {
 	meta, err := s.ReadMeta()
-	if err != nil {
-		return nil, err
-	}
-	cur, err := s.LoadCredentials()
 	if err != nil {
 		return nil, err
 	}
 	base, err := estBase(meta.Provisioning)
 	if err != nil {
 		return nil, err
+	}
+	if cur.TPM {
+		mtls := cur.TLS()
+		leaf, err := requestCert(ctx, estClient(cur.Bundle.RootPool(), &mtls, timeout), base+"simplereenroll", cur.Signer, meta.ID, "")
+		if err != nil {
+			return nil, err
+		}
+		if _, err := cur.Bundle.Verify([]*x509.Certificate{leaf}, trust.VerifyOptions{Roles: []identity.Role{identity.RoleDevice}, RequireTPM: true}); err != nil {
+			return nil, fmt.Errorf("renewed certificate not trusted as TPM-bound: %w", err)
+		}
+		if err := keyfile.WriteFile(s.path(CertFile), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leaf.Raw}), 0o644, true); err != nil {
+			return nil, err
+		}
+		return &Credentials{Signer: cur.Signer, Leaf: leaf, Bundle: cur.Bundle, TPM: true, closer: cur.closer}, nil
 	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

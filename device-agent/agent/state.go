@@ -13,6 +13,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -47,6 +48,9 @@ type Meta struct {
 // State is a device's state directory.
 type State struct {
 	Dir string
+	// TPM overrides the TPM recorded at enrollment for a TPM-bound key
+	// (the same TPM by another path, e.g. after a reboot renamed it).
+	TPM string
 	mu  sync.Mutex
 }
 
@@ -85,6 +89,17 @@ type Credentials struct {
 	Signer crypto.Signer
 	Leaf   *x509.Certificate
 	Bundle *trust.Bundle
+	// TPM: the key lives in a TPM and the certificate is TPM-bound.
+	TPM    bool
+	closer io.Closer
+}
+
+// Close releases the TPM, if the key lives in one.
+func (c *Credentials) Close() error {
+	if c != nil && c.closer != nil {
+		return c.closer.Close()
+	}
+	return nil
 }
 
 // TLS returns the client certificate for mTLS: the leaf alone (the
@@ -99,30 +114,45 @@ func (s *State) LoadCredentials() (*Credentials, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.finishRenewal()
-	keyPEM, err := os.ReadFile(s.path(KeyFile))
-	if err != nil {
-		return nil, fmt.Errorf("reading the device key: %w", err)
+	var signer crypto.Signer
+	var closer io.Closer
+	if _, err := os.Stat(s.path(TPMKeyFile)); err == nil {
+		ts, d, err := s.loadTPMKey(s.TPM)
+		if err != nil {
+			return nil, err
+		}
+		signer, closer = ts, d
+	} else {
+		keyPEM, err := os.ReadFile(s.path(KeyFile))
+		if err != nil {
+			return nil, fmt.Errorf("reading the device key: %w", err)
+		}
+		if signer, err = keyfile.ParsePrivateKey(keyPEM, nil); err != nil {
+			return nil, fmt.Errorf("%s: %w", s.path(KeyFile), err)
+		}
 	}
-	signer, err := keyfile.ParsePrivateKey(keyPEM, nil)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", s.path(KeyFile), err)
+	fail := func(err error) (*Credentials, error) {
+		if closer != nil {
+			closer.Close()
+		}
+		return nil, err
 	}
 	leaf, err := readCert(s.path(CertFile))
 	if err != nil {
-		return nil, err
+		return fail(err)
 	}
 	if !samePublicKey(leaf.PublicKey, signer.Public()) {
-		return nil, fmt.Errorf("%s does not match %s", s.path(CertFile), s.path(KeyFile))
+		return fail(fmt.Errorf("%s does not match the device key", s.path(CertFile)))
 	}
 	bundlePEM, err := os.ReadFile(s.path(BundleFile))
 	if err != nil {
-		return nil, fmt.Errorf("reading the fleet bundle: %w", err)
+		return fail(fmt.Errorf("reading the fleet bundle: %w", err))
 	}
 	bundle, err := trust.ParseBundle(bundlePEM)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", s.path(BundleFile), err)
+		return fail(fmt.Errorf("%s: %w", s.path(BundleFile), err))
 	}
-	return &Credentials{Signer: signer, Leaf: leaf, Bundle: bundle}, nil
+	return &Credentials{Signer: signer, Leaf: leaf, Bundle: bundle, TPM: closer != nil, closer: closer}, nil
 }
 
 func readCert(path string) (*x509.Certificate, error) {

@@ -19,6 +19,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"fleetkey.dev/certs/pkidir"
+	"fleetkey.dev/certs/tpm/tpmsim"
 	"fleetkey.dev/device-agent/agent"
 )
 
@@ -33,6 +34,7 @@ type stack struct {
 	gwAddr                string
 	gw                    *exec.Cmd
 	sink                  string
+	gwConfig              string
 }
 
 func build(t *testing.T, dir, pkg, name string) string {
@@ -48,7 +50,11 @@ func build(t *testing.T, dir, pkg, name string) string {
 	return out
 }
 
-func newStack(t *testing.T) *stack {
+func newStack(t *testing.T) *stack { return newStackWith(t, "", "") }
+
+// newStackWith starts the stack with a provisioning and a gateway YAML
+// configuration ("" for none).
+func newStackWith(t *testing.T, provConfig, gwConfig string) *stack {
 	if testing.Short() {
 		t.Skip("builds and runs provisioning, gateway and agent")
 	}
@@ -63,8 +69,18 @@ func newStack(t *testing.T) *stack {
 		t.Fatal(err)
 	}
 	s.env = append(os.Environ(), pkidir.EnvPassphrase+"="+pass)
-	provAddr, _ := s.start(s.provBin, "", "serve", "--pki", s.pki, "--data", s.data)
+	provArgs := []string{"serve", "--pki", s.pki, "--data", s.data}
+	if provConfig != "" {
+		path := filepath.Join(dir, "provisioning.yaml")
+		os.WriteFile(path, []byte(provConfig), 0o600)
+		provArgs = append(provArgs, "--config", path)
+	}
+	provAddr, _ := s.start(s.provBin, "", provArgs...)
 	s.provURL = "https://localhost:" + provAddr[strings.LastIndex(provAddr, ":")+1:]
+	if gwConfig != "" {
+		s.gwConfig = filepath.Join(dir, "gateway.yaml")
+		os.WriteFile(s.gwConfig, []byte(gwConfig), 0o600)
+	}
 	s.startGateway("127.0.0.1:0")
 	return s
 }
@@ -110,7 +126,11 @@ func (s *stack) start(bin, listen string, args ...string) (string, *exec.Cmd) {
 }
 
 func (s *stack) startGateway(listen string) {
-	s.gwAddr, s.gw = s.start(s.gwBin, listen, "serve", "--pki", s.pki, "--provisioning", s.provURL, "--telemetry-sink", s.sink)
+	args := []string{"serve", "--pki", s.pki, "--provisioning", s.provURL, "--telemetry-sink", s.sink}
+	if s.gwConfig != "" {
+		args = append(args, "--config", s.gwConfig)
+	}
+	s.gwAddr, s.gw = s.start(s.gwBin, listen, args...)
 }
 
 // enroll enrolls a device with the agent CLI and returns its state dir.
@@ -395,7 +415,7 @@ func TestEnrollRenewAndRefusals(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	renewed, err := st.Renew(t.Context(), 10*time.Second)
+	renewed, err := st.Renew(t.Context(), before, 10*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -449,5 +469,57 @@ func TestRotationInFlight(t *testing.T) {
 	}
 	if strings.Contains(string(log), "connection ended") || strings.Contains(string(log), "connection lost") {
 		t.Fatalf("a rekey cost the connection:\n%s", log)
+	}
+}
+
+// TestTPMEndToEnd: a device whose key is made in swtpm enrolls through TPM
+// attestation (its EK trusted by its EK certificate from swtpm's
+// manufacturer CA), connects to a gateway that admits only TPM-bound
+// devices with a TPM-signed mTLS handshake, runs fkx1 with a TPM
+// signature, and sends telemetry.
+func TestTPMEndToEnd(t *testing.T) {
+	spec := tpmsim.StartSWTPM(t, true)
+	ca := "/var/lib/swtpm-localca/"
+	if _, err := os.Stat(ca + "swtpm-localca-rootca-cert.pem"); err != nil {
+		t.Skipf("swtpm's local CA: %v", err)
+	}
+	s := newStackWith(t, "ek_roots: ["+ca+"swtpm-localca-rootca-cert.pem, "+ca+"issuercert.pem]\n", "require_tpm: true\n")
+	token, _, _ := strings.Cut(s.run(s.provBin, "token", "create", "--data", s.data, "--prefix", "tpm-", "--max-uses", "2", "--expires", "1h", "--require-tpm"), "\n")
+	dir := filepath.Join(s.dir, "tpm-0001")
+	// Plain EST enrollment with this token is refused.
+	if out, err := exec.Command(s.agBin, "enroll", "--provisioning", s.provURL, "--ca", filepath.Join(s.pki, "root.crt"), "--token", token,
+		"--id", "tpm-0009", "--dir", filepath.Join(s.dir, "soft")).CombinedOutput(); err == nil || !strings.Contains(string(out), "tpm-required") && !strings.Contains(string(out), "requires TPM attestation") {
+		t.Fatalf("plain enrollment with a require-TPM token: %v\n%s", err, out)
+	}
+	out := s.run(s.agBin, "enroll", "--provisioning", s.provURL, "--ca", filepath.Join(s.pki, "root.crt"), "--token", token, "--id", "tpm-0001", "--dir", dir, "--tpm", spec)
+	if !strings.Contains(out, "TPM-bound") {
+		t.Fatalf("enroll said: %s", out)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "device.key")); err == nil {
+		t.Fatal("a software key file was written for a TPM device")
+	}
+	inspect := s.run(build(t, s.dir, "fleetkey.dev/certs/cmd/certs", "certs"), "inspect", filepath.Join(dir, "device.crt"))
+	if !strings.Contains(inspect, "yes, EK SHA-256") {
+		t.Fatalf("certs inspect shows no TPM binding:\n%s", inspect)
+	}
+	got := make(chan string, 10)
+	s.service(got)
+	p := s.runAgent(dir, "--source", "stdin")
+	want := records("tpm", 20)
+	for _, r := range want {
+		fmt.Fprintln(p.stdin, r)
+	}
+	for i := range want {
+		select {
+		case <-got:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("%d of %d records reached the service", i, len(want))
+		}
+	}
+	p.stdin.Close()
+	p.wait(t, 30*time.Second)
+	s.checkSink("tpm-0001", want)
+	if st := s.run(s.agBin, "status", "--dir", dir); !strings.Contains(st, "in the TPM") {
+		t.Fatalf("status:\n%s", st)
 	}
 }

@@ -31,9 +31,13 @@ import (
 )
 
 const usage = `usage:
-  device-agent enroll --provisioning https://HOST:PORT --ca ROOT.pem --token TOKEN --id ID --dir STATE
+  device-agent enroll --provisioning https://HOST:PORT --ca ROOT.pem --token TOKEN --id ID --dir STATE [--tpm TPM]
   device-agent run    --dir STATE --gateway HOST:PORT [flags]
   device-agent status --dir STATE
+
+enroll --tpm TPM makes the key inside the TPM and enrolls through TPM
+attestation: TPM is /dev/tpmrm0, swtpm:unix:PATH or swtpm:tcp:HOST:PORT.
+run uses the TPM recorded at enrollment (--tpm overrides its path).
 
 run flags:
   --source SRC        telemetry: stdin (one record per line; the default), file:PATH,
@@ -92,6 +96,7 @@ func enroll(ctx context.Context, args []string) error {
 	token := fs.String("token", "", "enrollment token")
 	id := fs.String("id", "", "device id")
 	dir := fs.String("dir", "", "state directory")
+	tpmSpec := fs.String("tpm", "", "make the key in this TPM and enroll with TPM attestation")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -114,12 +119,16 @@ func enroll(ctx context.Context, args []string) error {
 		pool.AddCert(r)
 	}
 	st := &agent.State{Dir: *dir}
-	leaf, err := st.Enroll(ctx, agent.EnrollOptions{Provisioning: *prov, RootCAs: pool, Token: *token, ID: *id})
+	leaf, err := st.Enroll(ctx, agent.EnrollOptions{Provisioning: *prov, RootCAs: pool, Token: *token, ID: *id, TPM: *tpmSpec})
 	if err != nil {
 		return err
 	}
-	fmt.Printf("enrolled %s\n  certificate serial %s, valid until %s\n  state in %s (key 0600, generated on this device)\n",
-		leaf.URIs[0], leaf.SerialNumber.Text(16), leaf.NotAfter.UTC().Format(time.RFC3339), *dir)
+	where := "key 0600, generated on this device"
+	if *tpmSpec != "" {
+		where = "key made in and bound to the TPM " + *tpmSpec + "; certificate TPM-bound after attestation"
+	}
+	fmt.Printf("enrolled %s\n  certificate serial %s, valid until %s\n  state in %s (%s)\n",
+		leaf.URIs[0], leaf.SerialNumber.Text(16), leaf.NotAfter.UTC().Format(time.RFC3339), *dir, where)
 	return nil
 }
 
@@ -138,6 +147,7 @@ func run(ctx context.Context, args []string) error {
 	epochEvery := fs.Duration("epoch-every", 0, "new handshake interval")
 	genEvery := fs.Duration("generation-every", 0, "new key generation interval")
 	level := fs.String("log-level", "info", "log level")
+	runTPM := fs.String("tpm", "", "the TPM holding the device key, if not where it was at enrollment")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -163,7 +173,7 @@ func run(ctx context.Context, args []string) error {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lv}))
-	a, err := agent.New(agent.Config{State: &agent.State{Dir: *dir}, Gateway: *gw, Suite: sessionkey.Suite(*suite), Log: log,
+	a, err := agent.New(agent.Config{State: &agent.State{Dir: *dir, TPM: *runTPM}, Gateway: *gw, Suite: sessionkey.Suite(*suite), Log: log,
 		Rotation: sessionkey.Rotation{EpochEvery: *epochEvery, GenerationEvery: *genEvery},
 		Outbox:   agent.OutboxOptions{Max: *outMax, Policy: policy, Disk: *outDisk}, OnCommand: commandHandler(*onCmd, log)})
 	if err != nil {
@@ -332,7 +342,11 @@ func status(args []string) error {
 	if err != nil {
 		return err
 	}
+	defer creds.Close()
 	leaf := creds.Leaf
+	if creds.TPM {
+		fmt.Printf("key           in the TPM (certificate TPM-bound)\n")
+	}
 	fmt.Printf("device        %s\nidentity      %s\ncertificate   serial %s, valid until %s (%s left)\nprovisioning  %s\n",
 		meta.ID, leaf.URIs[0], leaf.SerialNumber.Text(16), leaf.NotAfter.UTC().Format(time.RFC3339),
 		time.Until(leaf.NotAfter).Round(time.Minute), meta.Provisioning)
