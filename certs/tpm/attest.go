@@ -159,11 +159,10 @@ func (d *Device) readNV(index tpm2.TPMHandle) []byte {
 func (d *Device) CreateAK() (*KeyBlob, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	srk, err := d.srk()
+	srk, err := d.storageRoot()
 	if err != nil {
 		return nil, err
 	}
-	defer d.flush(srk.ObjectHandle)
 	rsp, err := tpm2.Create{ParentHandle: tpm2.NamedHandle{Handle: srk.ObjectHandle, Name: srk.Name}, InPublic: tpm2.New2B(AKTemplate)}.Execute(d.t)
 	if err != nil {
 		return nil, fmt.Errorf("TPM: creating the attestation key: %w", err)
@@ -171,9 +170,7 @@ func (d *Device) CreateAK() (*KeyBlob, error) {
 	return &KeyBlob{Public: tpm2.Marshal(rsp.OutPublic), Private: tpm2.Marshal(rsp.OutPrivate)}, nil
 }
 
-// load loads blob under a fresh SRK, which it flushes at once (a loaded
-// child stays usable), so one key costs one object slot. Caller holds mu
-// and flushes the handle.
+// load loads blob under the SRK. Caller holds mu and flushes the handle.
 func (d *Device) load(blob *KeyBlob) (*tpm2.LoadResponse, error) {
 	tpub, err := tpm2.Unmarshal[tpm2.TPM2BPublic](blob.Public)
 	if err != nil {
@@ -183,11 +180,10 @@ func (d *Device) load(blob *KeyBlob) (*tpm2.LoadResponse, error) {
 	if err != nil {
 		return nil, fmt.Errorf("TPM key blob: private area: %w", err)
 	}
-	srk, err := d.srk()
+	srk, err := d.storageRoot()
 	if err != nil {
 		return nil, err
 	}
-	defer d.flush(srk.ObjectHandle)
 	rsp, err := tpm2.Load{ParentHandle: tpm2.NamedHandle{Handle: srk.ObjectHandle, Name: srk.Name}, InPrivate: *tpri, InPublic: *tpub}.Execute(d.t)
 	if err != nil {
 		return nil, fmt.Errorf("TPM: loading a key (is this the TPM it was made in?): %w", err)

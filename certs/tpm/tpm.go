@@ -97,14 +97,19 @@ func openTransport(spec string) (transport.TPMCloser, error) {
 // Device is an open TPM. Its methods are safe for concurrent use: the
 // TPM runs one command at a time anyway.
 type Device struct {
-	mu sync.Mutex
-	t  transport.TPMCloser
+	mu  sync.Mutex
+	t   transport.TPMCloser
+	srk *tpm2.CreatePrimaryResponse // kept loaded: one object slot
 }
 
-// Close closes the TPM connection.
+// Close flushes the SRK and closes the TPM connection.
 func (d *Device) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.srk != nil {
+		d.flush(d.srk.ObjectHandle)
+		d.srk = nil
+	}
 	return d.t.Close()
 }
 
@@ -137,13 +142,19 @@ var DeviceKeyTemplate = tpm2.TPMTPublic{
 	}),
 }
 
-// srk creates the storage root key (deterministic from the template and
-// the owner seed). Caller holds mu and flushes it.
-func (d *Device) srk() (*tpm2.CreatePrimaryResponse, error) {
+// storageRoot returns the storage root key (deterministic from the
+// template and the owner seed), creating it once per Device: creating a
+// primary key is the slowest step of a signature. It stays loaded, one
+// object slot of the three some TPMs have. Caller holds mu.
+func (d *Device) storageRoot() (*tpm2.CreatePrimaryResponse, error) {
+	if d.srk != nil {
+		return d.srk, nil
+	}
 	rsp, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(tpm2.ECCSRKTemplate)}.Execute(d.t)
 	if err != nil {
 		return nil, fmt.Errorf("TPM: creating the storage root key: %w", err)
 	}
+	d.srk = rsp
 	return rsp, nil
 }
 
@@ -156,11 +167,10 @@ func (d *Device) flush(h tpm2.TPMHandle) {
 func (d *Device) CreateDeviceKey() (*KeyBlob, *ecdsa.PublicKey, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	srk, err := d.srk()
+	srk, err := d.storageRoot()
 	if err != nil {
 		return nil, nil, err
 	}
-	defer d.flush(srk.ObjectHandle)
 	rsp, err := tpm2.Create{
 		ParentHandle: tpm2.NamedHandle{Handle: srk.ObjectHandle, Name: srk.Name},
 		InPublic:     tpm2.New2B(DeviceKeyTemplate),
@@ -192,8 +202,8 @@ func ecdsaPublic(p tpm2.TPM2BPublic) (*ecdsa.PublicKey, error) {
 }
 
 // Signer is a crypto.Signer over a device key in the TPM. The key is
-// loaded for each signature and flushed after it, with the SRK, so it
-// holds no TPM object slot between signatures (some TPMs have only 3).
+// loaded for each signature and flushed after it, so between signatures
+// only the SRK holds an object slot (some TPMs have only 3).
 type Signer struct {
 	d    *Device
 	pub  *ecdsa.PublicKey

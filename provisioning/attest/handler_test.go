@@ -8,6 +8,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -17,20 +18,23 @@ import (
 
 	"fleetkey.dev/certs/authority"
 	"fleetkey.dev/certs/pkidir"
+	"fleetkey.dev/certs/tpm"
 	"fleetkey.dev/provisioning/enroll"
 	"fleetkey.dev/provisioning/registry"
 	"fleetkey.dev/provisioning/token"
 )
 
 type service struct {
-	t     *testing.T
+	t     testing.TB
 	srv   *httptest.Server
 	store registry.Store
 	h     *Handler
 	clock time.Time
 }
 
-func newService(t *testing.T, allowed func([]byte) (bool, error)) *service {
+func newService(t *testing.T, allowed func([]byte) (bool, error)) *service { return newBenchService(t, allowed) }
+
+func newBenchService(t testing.TB, allowed func([]byte) (bool, error)) *service {
 	t.Helper()
 	pki := filepath.Join(t.TempDir(), "pki")
 	pass := &pkidir.Passphrase{Secret: []byte("attestation test passphrase"), Source: "test"}
@@ -56,13 +60,15 @@ func newService(t *testing.T, allowed func([]byte) (bool, error)) *service {
 	return s
 }
 
-func (s *service) token(requireTPM bool) string {
+func (s *service) token(requireTPM bool) string { return s.tokenUses(requireTPM, 5) }
+
+func (s *service) tokenUses(requireTPM bool, uses int) string {
 	s.t.Helper()
 	tok, id, hash, err := token.New(rand.Reader)
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	if err := s.store.CreateToken(context.Background(), registry.Token{ID: id, Hash: hash, Prefix: "tpm-", MaxUses: 5,
+	if err := s.store.CreateToken(context.Background(), registry.Token{ID: id, Hash: hash, Prefix: "tpm-", MaxUses: uses,
 		ExpiresAt: s.clock.Add(time.Hour), RequireTPM: requireTPM, CreatedAt: s.clock}); err != nil {
 		s.t.Fatal(err)
 	}
@@ -219,5 +225,43 @@ func TestAttestationHTTPRefusals(t *testing.T) {
 	// Plain EST enrollment with a require-TPM token is refused (enroll).
 	if _, err := s.h.Svc.Enroll(context.Background(), tok, enroll.Request{CSR: []byte{0}}); err == nil {
 		t.Fatal("plain enrollment with a require-TPM token")
+	}
+}
+
+// BenchmarkAttestedEnrollment: one device's whole attested enrollment on
+// the simulated TPM, as a factory station runs it: read the EK, make an AK
+// and a device key, /attest/v1/start, activate the credential, certify the
+// key, sign the CSR in the TPM, /attest/v1/finish (the service in process,
+// over HTTP on loopback, with the in-memory registry).
+func BenchmarkAttestedEnrollment(b *testing.B) {
+	simMu.Lock()
+	defer simMu.Unlock()
+	d, err := tpm.Open("sim")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close()
+	ek, err := d.EK()
+	if err != nil {
+		b.Fatal(err)
+	}
+	hash, _ := EKHash(ek.Key)
+	s := newBenchService(b, func(h []byte) (bool, error) { return bytes.Equal(h, hash), nil })
+	tok := s.tokenUses(true, 1<<30)
+	n := 0
+	for b.Loop() {
+		n++
+		ak, err := d.CreateAK()
+		if err != nil {
+			b.Fatal(err)
+		}
+		key, _, err := d.CreateDeviceKey()
+		if err != nil {
+			b.Fatal(err)
+		}
+		v := &device{d: d, ek: ek, ak: ak, key: key}
+		if code, out := s.attestAndEnroll(v, tok, fmt.Sprintf("tpm-%06d", n), nil); code != 200 {
+			b.Fatalf("%d %v", code, out)
+		}
 	}
 }
