@@ -32,7 +32,9 @@ type service struct {
 	clock time.Time
 }
 
-func newService(t *testing.T, allowed func([]byte) (bool, error)) *service { return newBenchService(t, allowed) }
+func newService(t *testing.T, allowed func([]byte) (bool, error)) *service {
+	return newBenchService(t, allowed)
+}
 
 func newBenchService(t testing.TB, allowed func([]byte) (bool, error)) *service {
 	t.Helper()
