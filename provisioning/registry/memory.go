@@ -21,6 +21,7 @@ type memStore struct {
 	audit    []AuditEvent
 	revSeq   int64
 	auditSeq int64
+	eks      []EKEntry
 }
 
 // NewMemory returns an empty in-memory Store, for tests and tools. It
@@ -355,3 +356,53 @@ func (m *memStore) Ping(ctx context.Context) error {
 // Close releases nothing: the data stays readable (tests inspect a store
 // after the server using it shut down).
 func (m *memStore) Close() error { return nil }
+
+func (m *memStore) AddEKs(ctx context.Context, eks []EKEntry, audit AuditEvent) error {
+	for _, e := range eks {
+		if err := checkEK(e); err != nil {
+			return err
+		}
+	}
+	if err := m.lock(ctx); err != nil {
+		return err
+	}
+	defer m.mu.Unlock()
+	for _, e := range eks {
+		if slices.IndexFunc(m.eks, func(x EKEntry) bool { return string(x.Hash) == string(e.Hash) }) < 0 {
+			e.Hash = slices.Clone(e.Hash)
+			m.eks = append(m.eks, e)
+		}
+	}
+	m.appendAudit(audit)
+	return nil
+}
+
+func (m *memStore) HasEK(ctx context.Context, hash []byte) (bool, error) {
+	if err := m.lock(ctx); err != nil {
+		return false, err
+	}
+	defer m.mu.Unlock()
+	return slices.IndexFunc(m.eks, func(x EKEntry) bool { return string(x.Hash) == string(hash) }) >= 0, nil
+}
+
+func (m *memStore) ListEKs(ctx context.Context) ([]EKEntry, error) {
+	if err := m.lock(ctx); err != nil {
+		return nil, err
+	}
+	defer m.mu.Unlock()
+	return slices.Clone(m.eks), nil
+}
+
+func (m *memStore) RemoveEK(ctx context.Context, hash []byte, audit AuditEvent) error {
+	if err := m.lock(ctx); err != nil {
+		return err
+	}
+	defer m.mu.Unlock()
+	i := slices.IndexFunc(m.eks, func(x EKEntry) bool { return string(x.Hash) == string(hash) })
+	if i < 0 {
+		return fmt.Errorf("EK %x: %w", hash, ErrNotFound)
+	}
+	m.eks = slices.Delete(m.eks, i, i+1)
+	m.appendAudit(audit)
+	return nil
+}

@@ -22,6 +22,7 @@ package registry
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 )
 
@@ -179,6 +180,26 @@ type AuditQuery struct {
 // Store is the registry. Implementations are safe for concurrent use by
 // many goroutines (and, for PostgreSQL, many processes). Every method
 // honours ctx. Not-found is ErrNotFound; a duplicate key is ErrExists.
+// EKEntry is a TPM endorsement key the fleet trusts for attestation,
+// named by the SHA-256 of its public key's SubjectPublicKeyInfo.
+type EKEntry struct {
+	Hash    []byte // 32 bytes
+	Label   string
+	AddedAt time.Time
+	AddedBy string
+}
+
+// checkEK refuses an entry that is not a SHA-256.
+func checkEK(e EKEntry) error {
+	if len(e.Hash) != 32 {
+		return fmt.Errorf("an EK hash is 32 bytes (SHA-256), not %d", len(e.Hash))
+	}
+	if len(e.Label) > 256 {
+		return errors.New("an EK label is at most 256 bytes")
+	}
+	return nil
+}
+
 type Store interface {
 	CreateToken(ctx context.Context, t Token) error
 	GetToken(ctx context.Context, id string) (Token, error)
@@ -213,6 +234,16 @@ type Store interface {
 	// revocations append their own in the same transaction).
 	Audit(ctx context.Context, e AuditEvent) error
 	ListAudit(ctx context.Context, q AuditQuery) ([]AuditEvent, error)
+
+	// AddEKs puts EKs on the attestation allowlist (an entry already
+	// there keeps its first label and time), with one audit event.
+	AddEKs(ctx context.Context, eks []EKEntry, audit AuditEvent) error
+	// HasEK reports whether an EK hash is on the allowlist.
+	HasEK(ctx context.Context, hash []byte) (bool, error)
+	// ListEKs returns the allowlist, oldest first.
+	ListEKs(ctx context.Context) ([]EKEntry, error)
+	// RemoveEK takes an EK off the allowlist (ErrNotFound if absent).
+	RemoveEK(ctx context.Context, hash []byte, audit AuditEvent) error
 
 	// Ping checks that the store can serve (for /readyz).
 	Ping(ctx context.Context) error

@@ -172,6 +172,15 @@ CREATE TABLE audit (
 );
 CREATE INDEX audit_subject ON audit (subject, seq)
 `,
+	// 2: the EK allowlist for TPM attestation.
+	`
+CREATE TABLE ek_allowlist (
+	hash     {bytes} PRIMARY KEY,
+	label    TEXT NOT NULL,
+	added_at {time} NOT NULL,
+	added_by TEXT NOT NULL
+)
+`,
 }
 
 // migrate brings the schema to the newest version, in one transaction that
@@ -999,4 +1008,60 @@ func (s *sqlStore) Close() error {
 		err = errors.Join(err, s.w.Close())
 	}
 	return err
+}
+
+// The EK allowlist.
+
+func (s *sqlStore) AddEKs(ctx context.Context, eks []EKEntry, audit AuditEvent) error {
+	for _, e := range eks {
+		if err := checkEK(e); err != nil {
+			return err
+		}
+	}
+	return s.inTx(ctx, func(tx *sql.Tx) error {
+		for _, e := range eks {
+			if _, err := tx.ExecContext(ctx, s.d.q(`INSERT INTO ek_allowlist (hash, label, added_at, added_by) VALUES (?, ?, ?, ?) ON CONFLICT (hash) DO NOTHING`),
+				e.Hash, e.Label, s.d.time(e.AddedAt), e.AddedBy); err != nil {
+				return fmt.Errorf("adding EK %x: %w", e.Hash, err)
+			}
+		}
+		return s.appendAudit(ctx, tx, audit)
+	})
+}
+
+func (s *sqlStore) HasEK(ctx context.Context, hash []byte) (bool, error) {
+	var n int
+	if err := s.r.QueryRowContext(ctx, s.d.q(`SELECT COUNT(*) FROM ek_allowlist WHERE hash = ?`), hash).Scan(&n); err != nil {
+		return false, fmt.Errorf("looking up EK: %w", err)
+	}
+	return n > 0, nil
+}
+
+func (s *sqlStore) ListEKs(ctx context.Context) ([]EKEntry, error) {
+	rows, err := s.r.QueryContext(ctx, s.d.q(`SELECT hash, label, added_at, added_by FROM ek_allowlist ORDER BY added_at, hash LIMIT ?`), maxTokens+1)
+	if err != nil {
+		return nil, fmt.Errorf("listing EKs: %w", err)
+	}
+	out, err := readRows(rows, maxTokens, func(sc scanner) (EKEntry, error) {
+		var e EKEntry
+		err := sc.Scan(&e.Hash, &e.Label, (*dbTime)(&e.AddedAt), &e.AddedBy)
+		return e, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listing EKs: %w", err)
+	}
+	return out, nil
+}
+
+func (s *sqlStore) RemoveEK(ctx context.Context, hash []byte, audit AuditEvent) error {
+	return s.inTx(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, s.d.q(`DELETE FROM ek_allowlist WHERE hash = ?`), hash)
+		if err != nil {
+			return fmt.Errorf("removing EK %x: %w", hash, err)
+		}
+		if n, err := res.RowsAffected(); err != nil || n == 0 {
+			return fmt.Errorf("EK %x: %w", hash, cmpErr(err, ErrNotFound))
+		}
+		return s.appendAudit(ctx, tx, audit)
+	})
 }

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -34,6 +35,9 @@ func (s *Server) registerAdmin(mux *http.ServeMux) {
 	mux.HandleFunc("POST /admin/v1/tokens", s.admin(s.createToken))
 	mux.HandleFunc("POST /admin/v1/tokens/{id}/disable", s.admin(s.disableToken))
 	mux.HandleFunc("GET /admin/v1/audit", s.admin(s.listAudit))
+	mux.HandleFunc("GET /admin/v1/eks", s.admin(s.listEKs))
+	mux.HandleFunc("POST /admin/v1/eks", s.admin(s.addEKs))
+	mux.HandleFunc("DELETE /admin/v1/eks/{hash}", s.admin(s.removeEK))
 }
 
 // maxAdminBody bounds admin request bodies.
@@ -360,4 +364,59 @@ func (s *Server) listAudit(r *http.Request, _ adminCall) (any, error) {
 		out = append(out, AuditView(e))
 	}
 	return out, nil
+}
+
+// EKRequest puts EKs on the attestation allowlist: each hash is the
+// SHA-256 (hex) of an EK public key's SubjectPublicKeyInfo DER.
+type EKRequest struct {
+	Hashes []string `json:"hashes"`
+	Label  string   `json:"label"`
+}
+
+func (s *Server) addEKs(r *http.Request, call adminCall) (any, error) {
+	var body EKRequest
+	if err := decodeBody(r, &body); err != nil {
+		return nil, err
+	}
+	if len(body.Hashes) == 0 || len(body.Hashes) > 10_000 {
+		return nil, badRequest("send 1 to 10,000 hashes")
+	}
+	eks := make([]registry.EKEntry, 0, len(body.Hashes))
+	now := s.now()
+	for _, h := range body.Hashes {
+		b, err := hex.DecodeString(h)
+		if err != nil || len(b) != 32 {
+			return nil, badRequest("%q is not an EK hash (64 hex digits of SHA-256)", h)
+		}
+		eks = append(eks, registry.EKEntry{Hash: b, Label: body.Label, AddedAt: now, AddedBy: call.actor})
+	}
+	ev := registry.AuditEvent{At: now, Actor: call.actor, RemoteAddr: call.remote, Action: "ek.add", Subject: fmt.Sprintf("%d EKs", len(eks)), Outcome: registry.Allowed}
+	if err := s.store.AddEKs(r.Context(), eks, ev); err != nil {
+		return nil, err
+	}
+	return map[string]any{"added": len(eks)}, nil
+}
+
+func (s *Server) listEKs(r *http.Request, call adminCall) (any, error) {
+	eks, err := s.store.ListEKs(r.Context())
+	if err != nil {
+		return nil, err
+	}
+	out := make([]map[string]any, 0, len(eks))
+	for _, e := range eks {
+		out = append(out, map[string]any{"hash": hex.EncodeToString(e.Hash), "label": e.Label, "added_at": e.AddedAt, "added_by": e.AddedBy})
+	}
+	return out, nil
+}
+
+func (s *Server) removeEK(r *http.Request, call adminCall) (any, error) {
+	b, err := hex.DecodeString(r.PathValue("hash"))
+	if err != nil || len(b) != 32 {
+		return nil, badRequest("%q is not an EK hash (64 hex digits of SHA-256)", r.PathValue("hash"))
+	}
+	ev := registry.AuditEvent{At: s.now(), Actor: call.actor, RemoteAddr: call.remote, Action: "ek.remove", Subject: hex.EncodeToString(b), Outcome: registry.Allowed}
+	if err := s.store.RemoveEK(r.Context(), b, ev); err != nil {
+		return nil, err
+	}
+	return map[string]any{"removed": hex.EncodeToString(b)}, nil
 }

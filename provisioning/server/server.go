@@ -125,7 +125,7 @@ func New(ctx context.Context, cfg Config, opts Options) (*Server, error) {
 	}
 	mux := http.NewServeMux()
 	estH.Register(mux)
-	ekTrust, err := loadEKTrust(cfg)
+	ekTrust, err := loadEKTrust(cfg, s.store)
 	if err != nil {
 		return nil, err
 	}
@@ -418,12 +418,21 @@ func (n *notifier) isClosed() bool {
 func (s *Server) Config() Config { return s.cfg }
 
 // loadEKTrust builds the attestation's EK trust from the configuration.
-func loadEKTrust(cfg Config) (*attest.EKTrust, error) {
+// The allowlist is the configuration's ek_allowlist and the registry's
+// (provisioning ek add, the admin API).
+func loadEKTrust(cfg Config, store registry.Store) (*attest.EKTrust, error) {
 	allowed := map[string]bool{}
 	for _, h := range cfg.EKAllowlist {
 		allowed[strings.ToLower(h)] = true
 	}
-	t := &attest.EKTrust{Allowed: func(hash []byte) (bool, error) { return allowed[hex.EncodeToString(hash)], nil }}
+	t := &attest.EKTrust{Allowed: func(hash []byte) (bool, error) {
+		if allowed[hex.EncodeToString(hash)] {
+			return true, nil
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return store.HasEK(ctx, hash)
+	}}
 	if len(cfg.EKRoots) > 0 {
 		t.Roots, t.Intermediates = x509.NewCertPool(), x509.NewCertPool()
 		for _, path := range cfg.EKRoots {

@@ -2,7 +2,10 @@ package main
 
 import (
 	"bufio"
+	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -19,6 +22,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"fleetkey.dev/certs/pkidir"
+	"fleetkey.dev/certs/tpm"
 	"fleetkey.dev/certs/tpm/tpmsim"
 	"fleetkey.dev/device-agent/agent"
 )
@@ -521,5 +525,29 @@ func TestTPMEndToEnd(t *testing.T) {
 	s.checkSink("tpm-0001", want)
 	if st := s.run(s.agBin, "status", "--dir", dir); !strings.Contains(st, "in the TPM") {
 		t.Fatalf("status:\n%s", st)
+	}
+
+	// The allowlist path: a TPM without an EK certificate is refused until
+	// an operator adds its EK with `provisioning ek add`.
+	plain := tpmsim.StartSWTPM(t, false)
+	d, err := tpm.Open(plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ek, err := d.EK()
+	d.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	spki, _ := x509.MarshalPKIXPublicKey(ek.Key)
+	hash := sha256.Sum256(spki)
+	enrollArgs := []string{"enroll", "--provisioning", s.provURL, "--ca", filepath.Join(s.pki, "root.crt"), "--token", token, "--id", "tpm-0002", "--dir", filepath.Join(s.dir, "tpm-0002"), "--tpm", plain}
+	if out, err := exec.Command(s.agBin, enrollArgs...).CombinedOutput(); err == nil || !strings.Contains(string(out), "ek-untrusted") {
+		t.Fatalf("an unknown EK: %v\n%s", err, out)
+	}
+	os.RemoveAll(filepath.Join(s.dir, "tpm-0002"))
+	s.run(s.provBin, "ek", "add", "--data", s.data, "--label", "e2e", hex.EncodeToString(hash[:]))
+	if out := s.run(s.agBin, enrollArgs...); !strings.Contains(out, "TPM-bound") {
+		t.Fatalf("enroll after ek add: %s", out)
 	}
 }

@@ -31,6 +31,7 @@ Usage:
   provisioning token create --prefix P --max-uses N --expires D [--require-tpm] [--allow-reprovision] [--label k=v]...
   provisioning token list | token disable ID
   provisioning device list [--status active|revoked] | device show ID | device revoke ID --reason R
+  provisioning ek add HASH... [--label L] | ek import FILE.csv | ek list | ek remove HASH
   provisioning audit [--subject ID] [--limit N]
 
 Every command takes --config FILE, --data DIR (SQLite; default .fleetkey/provisioning)
@@ -71,6 +72,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = sub(rest, map[string]func([]string, io.Writer) error{"create": cmdTokenCreate, "list": cmdTokenList, "disable": cmdTokenDisable}, stdout)
 	case "device":
 		err = sub(rest, map[string]func([]string, io.Writer) error{"list": cmdDeviceList, "show": cmdDeviceShow, "revoke": cmdDeviceRevoke}, stdout)
+	case "ek":
+		err = sub(rest, map[string]func([]string, io.Writer) error{"add": cmdEKAdd, "import": cmdEKImport, "list": cmdEKList, "remove": cmdEKRemove}, stdout)
 	case "audit":
 		err = cmdAudit(rest, stdout)
 	default:

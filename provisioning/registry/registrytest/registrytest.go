@@ -6,6 +6,7 @@
 package registrytest
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -43,6 +44,7 @@ type testCase struct {
 func cases() []testCase {
 	cs := []testCase{
 		{"ok/token-create-get", testTokenCreateGet},
+		{"ok/ek-allowlist", testEKAllowlist},
 		{"ok/token-list", testTokenList},
 		{"ok/token-disable", testTokenDisable},
 		{"fail/token-duplicate", testTokenDuplicate},
@@ -952,5 +954,35 @@ func testConcurrentRevocations(t *testing.T, s registry.Store) {
 		if c.RevocationSeq != int64(i+1) || seen[c.RevocationSeq] != c.Serial {
 			t.Fatalf("revocation %d = %s with sequence %d; want sequence %d as RevokeDevice returned", i, c.Serial, c.RevocationSeq, i+1)
 		}
+	}
+}
+
+func testEKAllowlist(t *testing.T, s registry.Store) {
+	ctx := context.Background()
+	h1, h2 := bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 32)
+	now := time.Now().UTC().Truncate(time.Microsecond)
+	must(t, s.AddEKs(ctx, []registry.EKEntry{{Hash: h1, Label: "line 3", AddedAt: now, AddedBy: "admin"}, {Hash: h2, AddedAt: now.Add(time.Second)}},
+		registry.AuditEvent{At: now, Actor: "admin", Action: "ek-add", Subject: "2 EKs", Outcome: registry.Allowed}))
+	// Adding again keeps the first entry and is not an error.
+	must(t, s.AddEKs(ctx, []registry.EKEntry{{Hash: h1, Label: "relabelled", AddedAt: now.Add(time.Hour)}}, registry.AuditEvent{At: now, Action: "ek-add", Outcome: registry.Allowed}))
+	for _, h := range [][]byte{h1, h2} {
+		if ok, err := s.HasEK(ctx, h); err != nil || !ok {
+			t.Fatalf("HasEK(%x): %v %v", h[:2], ok, err)
+		}
+	}
+	if ok, _ := s.HasEK(ctx, bytes.Repeat([]byte{3}, 32)); ok {
+		t.Fatal("an EK never added is on the allowlist")
+	}
+	list, err := s.ListEKs(ctx)
+	if err != nil || len(list) != 2 || list[0].Label != "line 3" || !bytes.Equal(list[1].Hash, h2) || !list[0].AddedAt.Equal(now) {
+		t.Fatalf("ListEKs: %+v %v", list, err)
+	}
+	must(t, s.RemoveEK(ctx, h1, registry.AuditEvent{At: now, Action: "ek-remove", Outcome: registry.Allowed}))
+	if ok, _ := s.HasEK(ctx, h1); ok {
+		t.Fatal("a removed EK is still on the allowlist")
+	}
+	wantErr(t, s.RemoveEK(ctx, h1, registry.AuditEvent{At: now}), registry.ErrNotFound)
+	if err := s.AddEKs(ctx, []registry.EKEntry{{Hash: []byte{1, 2, 3}}}, registry.AuditEvent{At: now}); err == nil {
+		t.Fatal("a 3-byte EK hash was accepted")
 	}
 }
