@@ -613,6 +613,13 @@ func TestAdminAPI(t *testing.T) {
 		{"fail/bad-expiry", "POST", "/admin/v1/tokens", `{"max_uses":1,"expires_in":"forever"}`, 400},
 		{"fail/bad-prefix", "POST", "/admin/v1/tokens", `{"prefix":"a/","max_uses":1,"expires_in":"1h"}`, 400},
 		{"fail/disable-unknown", "POST", "/admin/v1/tokens/aaaaaaaaaaaa/disable", "", 404},
+		{"ok/ek-add", "POST", "/admin/v1/eks", `{"hashes":["` + strings.Repeat("ab", 32) + `"],"label":"batch 7"}`, 200},
+		{"ok/ek-list", "GET", "/admin/v1/eks", "", 200},
+		{"ok/ek-remove", "DELETE", "/admin/v1/eks/" + strings.Repeat("ab", 32), "", 200},
+		{"fail/ek-remove-again", "DELETE", "/admin/v1/eks/" + strings.Repeat("ab", 32), "", 404},
+		{"fail/ek-bad-hash", "POST", "/admin/v1/eks", `{"hashes":["abc"]}`, 400},
+		{"fail/ek-none", "POST", "/admin/v1/eks", `{"hashes":[]}`, 400},
+		{"fail/ek-remove-bad-hash", "DELETE", "/admin/v1/eks/xyz", "", 400},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			req, _ := http.NewRequest(tc.method, e.url+tc.path, strings.NewReader(tc.body))
