@@ -165,6 +165,12 @@ func (d *Device) flush(h tpm2.TPMHandle) {
 // CreateDeviceKey has the TPM make a new device key and returns its blob
 // and public key.
 func (d *Device) CreateDeviceKey() (*KeyBlob, *ecdsa.PublicKey, error) {
+	return d.CreateKey(DeviceKeyTemplate)
+}
+
+// CreateKey has the TPM make an ECC key from tmpl under the SRK (tests use
+// it for keys the attestation must refuse).
+func (d *Device) CreateKey(tmpl tpm2.TPMTPublic) (*KeyBlob, *ecdsa.PublicKey, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	srk, err := d.storageRoot()
@@ -173,10 +179,10 @@ func (d *Device) CreateDeviceKey() (*KeyBlob, *ecdsa.PublicKey, error) {
 	}
 	rsp, err := tpm2.Create{
 		ParentHandle: tpm2.NamedHandle{Handle: srk.ObjectHandle, Name: srk.Name},
-		InPublic:     tpm2.New2B(DeviceKeyTemplate),
+		InPublic:     tpm2.New2B(tmpl),
 	}.Execute(d.t)
 	if err != nil {
-		return nil, nil, fmt.Errorf("TPM: creating the device key: %w", err)
+		return nil, nil, fmt.Errorf("TPM: creating a key: %w", err)
 	}
 	pub, err := ecdsaPublic(rsp.OutPublic)
 	if err != nil {

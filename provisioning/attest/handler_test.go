@@ -177,6 +177,22 @@ func TestAttestationHTTPRefusals(t *testing.T) {
 		f.CSR, _ = x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "tpm-0002"}}, signer)
 	})
 	expect("CSR with another key", code, out, 400, "csr-key-not-certified")
+	// A key the TPM made but may let out (not fixedTPM, not fixedParent:
+	// duplicable), certified by the AK all the same.
+	code, out = s.attestAndEnroll(v, tok, "tpm-0002", func(f *FinishRequest) {
+		tmpl := tpm.DeviceKeyTemplate
+		tmpl.ObjectAttributes.FixedTPM, tmpl.ObjectAttributes.FixedParent = false, false
+		dup, _, err := v.d.CreateKey(tmpl)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.KeyPublic = dup.Public
+		f.CertifyInfo, f.CertifySignature, err = v.d.Certify(v.ak, dup, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+	expect("a duplicable key", code, out, 400, "key-not-fixed")
 	code, out = s.attestAndEnroll(v, tok, "tpm-0002", func(f *FinishRequest) { f.CertifyInfo = append(f.CertifyInfo, 0) })
 	expect("trailing bytes", code, out, 400, "malformed-certify-info")
 	// A replayed session.
