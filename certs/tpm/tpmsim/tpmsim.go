@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 
@@ -20,8 +21,35 @@ import (
 	"fleetkey.dev/certs/tpm"
 )
 
+// The simulator is one TPM for the whole process, as a device has one:
+// every Open of "sim" talks to it, and Close leaves it running, so its
+// endorsement key stays the same from one Open to the next (a new
+// simulator would have new seeds, and so another EK).
+var (
+	simOnce sync.Once
+	simTPM  transport.TPMCloser
+	simErr  error
+	simMu   sync.Mutex
+)
+
+type shared struct{}
+
+func (shared) Send(cmd []byte) ([]byte, error) {
+	simMu.Lock()
+	defer simMu.Unlock()
+	return simTPM.Send(cmd)
+}
+
+func (shared) Close() error { return nil }
+
 func init() {
-	tpm.Register("sim", func(string) (transport.TPMCloser, error) { return simulator.OpenSimulator() })
+	tpm.Register("sim", func(string) (transport.TPMCloser, error) {
+		simOnce.Do(func() { simTPM, simErr = simulator.OpenSimulator() })
+		if simErr != nil {
+			return nil, simErr
+		}
+		return shared{}, nil
+	})
 }
 
 // StartSWTPM runs Debian's swtpm on a Unix socket in a temp dir and

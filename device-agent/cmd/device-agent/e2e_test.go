@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -21,6 +22,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"fleetkey.dev/certs/authority"
 	"fleetkey.dev/certs/pkidir"
 	"fleetkey.dev/certs/tpm"
 	"fleetkey.dev/certs/tpm/tpmsim"
@@ -550,4 +552,63 @@ func TestTPMEndToEnd(t *testing.T) {
 	if out := s.run(s.agBin, enrollArgs...); !strings.Contains(out, "TPM-bound") {
 		t.Fatalf("enroll after ek add: %s", out)
 	}
+}
+
+// TestTPMSimulatorEndToEnd: the same flow with the in-process TPM
+// simulator and the agent as a library (as the fleet simulator runs it):
+// attested enrollment (EK on the allowlist), a TPM-signed mTLS handshake
+// with a gateway that requires TPM-bound devices, fkx1 signed by the TPM,
+// telemetry.
+func TestTPMSimulatorEndToEnd(t *testing.T) {
+	d, err := tpm.Open("sim")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ek, err := d.EK()
+	d.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	spki, _ := x509.MarshalPKIXPublicKey(ek.Key)
+	hash := sha256.Sum256(spki)
+	s := newStackWith(t, "ek_allowlist: ["+hex.EncodeToString(hash[:])+"]\n", "require_tpm: true\n")
+	token, _, _ := strings.Cut(s.run(s.provBin, "token", "create", "--data", s.data, "--prefix", "sim-", "--max-uses", "1", "--expires", "1h", "--require-tpm"), "\n")
+	bundle, _ := pkidir.LoadBundle(s.pki)
+	st := &agent.State{Dir: filepath.Join(s.dir, "sim-0001")}
+	leaf, err := st.Enroll(t.Context(), agent.EnrollOptions{Provisioning: s.provURL, RootCAs: bundle.RootPool(), Token: token, ID: "sim-0001", TPM: "sim"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, bound, _ := authority.TPMBinding(leaf); !bound {
+		t.Fatal("the certificate is not TPM-bound")
+	}
+	got := make(chan string, 10)
+	s.service(got)
+	a, err := agent.New(agent.Config{State: st, Gateway: s.gwAddr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	for i := 1; i <= 5; i++ {
+		if _, err := a.Publish(ctx, "telemetry", []byte(fmt.Sprintf(`{"sim":%d}`, i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < 5; i++ {
+		select {
+		case <-got:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("%d of 5 records reached the service", i)
+		}
+	}
+	if a.Stats().Handshakes.Load() < 1 {
+		t.Fatal("no fkx1 handshake")
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	s.checkSink("sim-0001", records("sim", 5))
 }
