@@ -2,10 +2,15 @@ package attest
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
 	"errors"
+	"math/big"
 	"os"
 	"sync"
 	"testing"
@@ -231,5 +236,51 @@ func TestEKCertificatePath(t *testing.T) {
 	got, err := d.ActivateCredential(ak, ch.IDObject, ch.EncSecret)
 	if err != nil || ch.CheckActivation(got) != nil {
 		t.Fatalf("activation with the RSA EK: %v", err)
+	}
+}
+
+// TestEKCertificateCriticalSAN: TCG EK certificates have an empty subject
+// and a critical SAN naming the TPM (manufacturer, model, version) as a
+// directoryName, which Go leaves unhandled and Verify would refuse. That
+// one extension is tolerated; any other unhandled critical one is not.
+func TestEKCertificateCriticalSAN(t *testing.T) {
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "TPM Manufacturer Root"}, IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
+	caDER, _ := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
+	ca, _ := x509.ParseCertificate(caDER)
+	roots := x509.NewCertPool()
+	roots.AddCert(ca)
+	ekKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tpmName := pkix.Name{ExtraNames: []pkix.AttributeTypeAndValue{
+		{Type: asn1.ObjectIdentifier{2, 23, 133, 2, 1}, Value: "id:414D4400"}, // TPM manufacturer
+		{Type: asn1.ObjectIdentifier{2, 23, 133, 2, 2}, Value: "model"},
+		{Type: asn1.ObjectIdentifier{2, 23, 133, 2, 3}, Value: "id:00010002"},
+	}}
+	rdn, _ := asn1.Marshal(tpmName.ToRDNSequence())
+	san, _ := asn1.Marshal([]asn1.RawValue{{Class: asn1.ClassContextSpecific, Tag: 4, IsCompound: true, Bytes: rdn}})
+	ekCert := func(extra ...pkix.Extension) []byte {
+		der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{SerialNumber: big.NewInt(2), NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+			KeyUsage: x509.KeyUsageKeyAgreement, ExtraExtensions: append([]pkix.Extension{{Id: oidSAN, Critical: true, Value: san}}, extra...)}, ca, ekKey.Public(), caKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return der
+	}
+	// Go itself refuses such a certificate.
+	c, err := x509.ParseCertificate(ekCert())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err == nil {
+		t.Fatal("Go accepted the critical SAN: this tolerance is no longer needed")
+	}
+	trust := &EKTrust{Roots: roots}
+	if _, how, err := trust.Check(ekKey.Public(), ekCert(), time.Now()); err != nil || how != "ek-certificate" {
+		t.Fatalf("an EK certificate with the TCG critical SAN: %v", err)
+	}
+	other := pkix.Extension{Id: asn1.ObjectIdentifier{1, 2, 3, 4}, Critical: true, Value: []byte{5, 0}}
+	if _, _, err := trust.Check(ekKey.Public(), ekCert(other), time.Now()); reasonOf(err) != "ek-untrusted" {
+		t.Fatalf("another unhandled critical extension: %v", err)
 	}
 }
