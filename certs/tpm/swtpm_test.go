@@ -53,3 +53,12 @@ func TestSWTPMWithEKCertificate(t *testing.T) {
 	}
 	testSignerAndAttestation(t, d)
 }
+
+func TestSWTPMOverTCP(t *testing.T) {
+	d, err := tpm.Open(tpmsim.StartSWTPMTCP(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	testSignerAndAttestation(t, d)
+}

@@ -6,6 +6,7 @@
 package tpmsim
 
 import (
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -56,7 +57,13 @@ func init() {
 // returns its --tpm spec; with ekCert, swtpm_setup first manufactures the
 // TPM with EK certificates from swtpm's local CA. It skips when swtpm is
 // not installed (.ci/run installs it).
-func StartSWTPM(t testing.TB, ekCert bool) string {
+func StartSWTPM(t testing.TB, ekCert bool) string { return startSWTPM(t, ekCert, false) }
+
+// StartSWTPMTCP is StartSWTPM with swtpm's data channel on TCP
+// (swtpm:tcp:127.0.0.1:PORT).
+func StartSWTPMTCP(t testing.TB) string { return startSWTPM(t, false, true) }
+
+func startSWTPM(t testing.TB, ekCert, tcp bool) string {
 	t.Helper()
 	if _, err := exec.LookPath("swtpm"); err != nil {
 		t.Skip("swtpm is not installed (apt-get install swtpm swtpm-tools); .ci/run installs it")
@@ -72,9 +79,20 @@ func StartSWTPM(t testing.TB, ekCert bool) string {
 		}
 	}
 	sock, pid := filepath.Join(dir, "tpm.sock"), filepath.Join(dir, "swtpm.pid")
+	server, spec := "type=unixio,path="+sock, "swtpm:unix:"+sock
+	if tcp {
+		// A free port: the kernel picks one, and swtpm binds it next.
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := ln.Addr().(*net.TCPAddr).Port
+		ln.Close()
+		server, spec = "type=tcp,bindaddr=127.0.0.1,port="+strconv.Itoa(port), "swtpm:tcp:127.0.0.1:"+strconv.Itoa(port)
+	}
 	// --daemon returns once the socket is listening.
 	out, err := exec.Command("swtpm", "socket", "--tpm2", "--tpmstate", "dir="+dir,
-		"--server", "type=unixio,path="+sock, "--ctrl", "type=unixio,path="+filepath.Join(dir, "ctrl.sock"),
+		"--server", server, "--ctrl", "type=unixio,path="+filepath.Join(dir, "ctrl.sock"),
 		"--flags", "startup-clear", "--daemon", "--pid", "file="+pid).CombinedOutput()
 	if err != nil {
 		t.Fatalf("swtpm: %v\n%s", err, out)
@@ -86,5 +104,5 @@ func StartSWTPM(t testing.TB, ekCert bool) string {
 			}
 		}
 	})
-	return "swtpm:unix:" + sock
+	return spec
 }
