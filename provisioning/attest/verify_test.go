@@ -174,12 +174,34 @@ func TestAttestationRefusals(t *testing.T) {
 }
 
 func FuzzParseAttestation(f *testing.F) {
-	f.Add([]byte{0, 1, 2}, []byte{0xff, 0x54, 0x43, 0x47})
-	f.Fuzz(func(t *testing.T, pub, attest []byte) {
-		if p, err := ParsePublic(pub, "ak"); err == nil {
-			_ = CheckAK(p)
-			_, _ = CheckDeviceKey(p)
-			_ = CheckCertify(p, p, attest, attest, nil)
+	// Seeds: real structures from the simulated TPM.
+	simMu.Lock()
+	if d, err := tpm.Open("sim"); err == nil {
+		ek, _ := d.EK()
+		ak, _ := d.CreateAK()
+		key, _, _ := d.CreateDeviceKey()
+		nonce := bytes.Repeat([]byte{7}, 32)
+		if attest, sig, err := d.Certify(ak, key, nonce); err == nil {
+			f.Add(ak.Public, key.Public, attest, sig, nonce)
+			f.Add(ek.Public, ak.Public, attest[:len(attest)/2], sig, nonce)
+		}
+		d.Close()
+	}
+	simMu.Unlock()
+	f.Add([]byte{0, 1, 2}, []byte{}, []byte{0xff, 0x54, 0x43, 0x47}, []byte{0}, []byte{})
+	f.Fuzz(func(t *testing.T, akb, keyb, attest, sig, nonce []byte) {
+		ak, err := ParsePublic(akb, "ak")
+		if err != nil {
+			return
+		}
+		_ = CheckAK(ak)
+		key, err := ParsePublic(keyb, "key")
+		if err != nil {
+			return
+		}
+		_, _ = CheckDeviceKey(key)
+		if CheckCertify(ak, key, attest, sig, nonce) == nil && CheckCertify(ak, key, append(bytes.Clone(attest), 0), sig, nonce) == nil {
+			t.Fatal("accepted an attestation with a trailing byte")
 		}
 	})
 }
