@@ -291,8 +291,9 @@ func TestSQLiteConcurrentOpen(t *testing.T) {
 		}
 		defer stores[i].Close()
 	}
-	if rows, _ := schemaVersions(t, path); rows != 1 {
-		t.Fatalf("schema_version has %d rows, want 1", rows)
+	// Each version was applied once, by one of the four.
+	if rows, v := schemaVersions(t, path); rows != v || v < 2 {
+		t.Fatalf("schema_version has %d rows for version %d; want one row per version", rows, v)
 	}
 	raceSpend(t, stores...)
 }
