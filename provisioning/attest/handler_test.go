@@ -193,6 +193,14 @@ func TestAttestationHTTPRefusals(t *testing.T) {
 		}
 	})
 	expect("a duplicable key", code, out, 400, "key-not-fixed")
+	code, out = s.attestAndEnroll(v, tok, "tpm-0002", func(f *FinishRequest) {
+		var err error
+		f.CertifyInfo, f.CertifySignature, err = v.d.Certify(v.ak, v.key, bytes.Repeat([]byte{9}, 32))
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+	expect("qualifying data from another session", code, out, 400, "certify-nonce")
 	code, out = s.attestAndEnroll(v, tok, "tpm-0002", func(f *FinishRequest) { f.CertifyInfo = append(f.CertifyInfo, 0) })
 	expect("trailing bytes", code, out, 400, "malformed-certify-info")
 	// A replayed session.
