@@ -548,6 +548,12 @@ func TestTPMEndToEnd(t *testing.T) {
 		t.Fatalf("an unknown EK: %v\n%s", err, out)
 	}
 	os.RemoveAll(filepath.Join(s.dir, "tpm-0002"))
+	// The factory station reads the hash with the agent, and the operator
+	// adds it.
+	ekOut := s.run(s.agBin, "ek", "--tpm", plain)
+	if !strings.Contains(ekOut, "EK SHA-256   "+hex.EncodeToString(hash[:])) || !strings.Contains(ekOut, "none") {
+		t.Fatalf("device-agent ek said:\n%s", ekOut)
+	}
 	s.run(s.provBin, "ek", "add", "--data", s.data, "--label", "e2e", hex.EncodeToString(hash[:]))
 	if out := s.run(s.agBin, enrollArgs...); !strings.Contains(out, "TPM-bound") {
 		t.Fatalf("enroll after ek add: %s", out)

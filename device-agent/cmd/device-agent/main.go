@@ -10,7 +10,9 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -25,6 +27,7 @@ import (
 	"syscall"
 	"time"
 
+	"fleetkey.dev/certs/tpm"
 	"fleetkey.dev/certs/trust"
 	"fleetkey.dev/device-agent/agent"
 	"fleetkey.dev/sessionkey"
@@ -34,6 +37,7 @@ const usage = `usage:
   device-agent enroll --provisioning https://HOST:PORT --ca ROOT.pem --token TOKEN --id ID --dir STATE [--tpm TPM]
   device-agent run    --dir STATE --gateway HOST:PORT [flags]
   device-agent status --dir STATE
+  device-agent ek --tpm TPM          print the TPM's EK hash, for 'provisioning ek add'
 
 enroll --tpm TPM makes the key inside the TPM and enrolls through TPM
 attestation: TPM is /dev/tpmrm0, swtpm:unix:PATH or swtpm:tcp:HOST:PORT.
@@ -71,6 +75,8 @@ func main() {
 		err = run(ctx, os.Args[2:])
 	case "status":
 		err = status(os.Args[2:])
+	case "ek":
+		err = ekCmd(os.Args[2:])
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 		return
@@ -369,6 +375,40 @@ func status(args []string) error {
 	fmt.Printf("records       %d acknowledged, %d waiting in the outbox\n", s.RecordsAcked, s.Outbox)
 	if s.LastError != "" {
 		fmt.Printf("last error    %s\n", s.LastError)
+	}
+	return nil
+}
+
+// ekCmd prints the TPM's endorsement key hash (what the provisioning
+// service's allowlist holds) and whether the TPM carries an EK certificate.
+func ekCmd(args []string) error {
+	fs := newFlags("ek")
+	spec := fs.String("tpm", "", "the TPM")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *spec == "" {
+		return errors.New("ek needs --tpm (/dev/tpmrm0, swtpm:unix:PATH, swtpm:tcp:HOST:PORT)")
+	}
+	d, err := tpm.Open(*spec)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	ek, err := d.EK()
+	if err != nil {
+		return err
+	}
+	spki, err := x509.MarshalPKIXPublicKey(ek.Key)
+	if err != nil {
+		return err
+	}
+	h := sha256.Sum256(spki)
+	fmt.Printf("EK SHA-256   %s\n", hex.EncodeToString(h[:]))
+	if ek.Cert != nil {
+		fmt.Println("EK cert      present in the TPM's NV (trusted if its manufacturer's CA is in the service's ek_roots)")
+	} else {
+		fmt.Println("EK cert      none: add the hash to the allowlist with 'provisioning ek add'")
 	}
 	return nil
 }
