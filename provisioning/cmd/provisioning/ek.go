@@ -31,12 +31,12 @@ func cmdEKAdd(args []string, out io.Writer) error {
 	if err := f.parse(args, out); err != nil {
 		return err
 	}
-	if f.fs.NArg() == 0 {
+	if len(f.pos) == 0 {
 		return usageErr("name one or more EK hashes\nhint: provisioning ek add HASH... [--label L], or provisioning ek import FILE.csv")
 	}
 	var eks []registry.EKEntry
 	now := time.Now()
-	for _, a := range f.fs.Args() {
+	for _, a := range f.pos {
 		h, err := parseEKHash(a)
 		if err != nil {
 			return usageErr("%v", err)
@@ -53,11 +53,11 @@ func cmdEKImport(args []string, out io.Writer) error {
 	if err := f.parse(args, out); err != nil {
 		return err
 	}
-	if f.fs.NArg() != 1 {
+	if len(f.pos) != 1 {
 		return usageErr("name the CSV file (hash,label per line; - for standard input)")
 	}
 	var r io.Reader = os.Stdin
-	if name := f.fs.Arg(0); name != "-" {
+	if name := f.pos[0]; name != "-" {
 		file, err := os.Open(name)
 		if err != nil {
 			return err
@@ -126,10 +126,10 @@ func cmdEKRemove(args []string, out io.Writer) error {
 	if err := f.parse(args, out); err != nil {
 		return err
 	}
-	if f.fs.NArg() != 1 {
+	if len(f.pos) != 1 {
 		return usageErr("name the EK hash to remove")
 	}
-	h, err := parseEKHash(f.fs.Arg(0))
+	h, err := parseEKHash(f.pos[0])
 	if err != nil {
 		return usageErr("%v", err)
 	}

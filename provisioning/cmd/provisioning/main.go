@@ -108,6 +108,7 @@ type storeFlags struct {
 	configFile *string
 	data       *string
 	db         *string
+	pos        []string // positional arguments, wherever they stood
 }
 
 func newFlags(name string) *storeFlags {
@@ -121,17 +122,25 @@ func newFlags(name string) *storeFlags {
 }
 
 func (f *storeFlags) parse(args []string, out io.Writer) error {
-	err := f.fs.Parse(args)
-	if errors.Is(err, flag.ErrHelp) {
-		f.fs.SetOutput(out)
-		fmt.Fprintf(out, "Usage of %s:\n", f.fs.Name())
-		f.fs.PrintDefaults()
-		return err
+	// Flags may come before, between or after the positional arguments.
+	f.pos = nil
+	for {
+		err := f.fs.Parse(args)
+		if errors.Is(err, flag.ErrHelp) {
+			f.fs.SetOutput(out)
+			fmt.Fprintf(out, "Usage of %s:\n", f.fs.Name())
+			f.fs.PrintDefaults()
+			return err
+		}
+		if err != nil {
+			return usageErr("%v\nhint: run '%s --help'", err, f.fs.Name())
+		}
+		rest := f.fs.Args()
+		if len(rest) == 0 {
+			return nil
+		}
+		f.pos, args = append(f.pos, rest[0]), rest[1:]
 	}
-	if err != nil {
-		return usageErr("%v\nhint: run '%s --help'", err, f.fs.Name())
-	}
-	return nil
 }
 
 func (f *storeFlags) config() (server.Config, error) {
@@ -276,11 +285,11 @@ func cmdTokenDisable(args []string, out io.Writer) error {
 	if err := f.parse(args, out); err != nil {
 		return err
 	}
-	if f.fs.NArg() != 1 {
+	if len(f.pos) != 1 {
 		return usageErr("name the token id to disable\nhint: provisioning token list")
 	}
 	return f.withStore(func(ctx context.Context, store registry.Store) error {
-		id := f.fs.Arg(0)
+		id := f.pos[0]
 		if err := store.DisableToken(ctx, id, registry.AuditEvent{At: time.Now(), Actor: "cli:" + currentUser(), Action: "token.disable", Subject: id, Outcome: registry.Allowed}); err != nil {
 			if errors.Is(err, registry.ErrNotFound) {
 				return fmt.Errorf("no token %q", id)
@@ -318,13 +327,13 @@ func cmdDeviceShow(args []string, out io.Writer) error {
 	if err := f.parse(args, out); err != nil {
 		return err
 	}
-	if f.fs.NArg() != 1 {
+	if len(f.pos) != 1 {
 		return usageErr("name the device id\nhint: provisioning device show sensor-0001")
 	}
 	return f.withStore(func(ctx context.Context, store registry.Store) error {
-		d, err := store.GetDevice(ctx, f.fs.Arg(0))
+		d, err := store.GetDevice(ctx, f.pos[0])
 		if errors.Is(err, registry.ErrNotFound) {
-			return fmt.Errorf("no device %q", f.fs.Arg(0))
+			return fmt.Errorf("no device %q", f.pos[0])
 		}
 		if err != nil {
 			return err
@@ -350,8 +359,8 @@ func cmdDeviceRevoke(args []string, out io.Writer) error {
 	if err := f.parse(args, out); err != nil {
 		return err
 	}
-	if id == "" && f.fs.NArg() == 1 {
-		id = f.fs.Arg(0)
+	if id == "" && len(f.pos) == 1 {
+		id = f.pos[0]
 	}
 	if id == "" || *reason == "" {
 		return usageErr("name the device and a reason\nhint: provisioning device revoke sensor-0001 --reason keyCompromise")
