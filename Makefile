@@ -12,12 +12,13 @@ BENCH_COUNT  ?= 6
 BENCH        ?= .
 FUZZTIME     ?= 10s
 
-.PHONY: all help build test lint bench run fuzz clean tidy
+.PHONY: all help build test lint bench run up fuzz clean tidy
 
 all: build
 
 help:
-	@echo "make run     a fresh PKI in $(STATE)/pki, the provisioning service, one device enrolled with openssl + curl"
+	@echo "make run     the stack, devices enrolled with openssl + curl and with device-agent, then a 100-device simulated fleet for 60 s"
+	@echo "make up      the stack alone, in the foreground, with its endpoints and the commands to use it"
 	@echo "make test    every module's tests, with -race"
 	@echo "make lint    gofmt, go vet, staticcheck $(STATICCHECK_VERSION), go mod tidy -diff"
 	@echo "make bench   benchmarks as one table (BENCH=regexp, BENCH_COUNT=n)"
@@ -50,6 +51,9 @@ fuzz:
 
 run: build
 	@STATE=$(STATE) TRUST_DOMAIN=$(TRUST_DOMAIN) scripts/run.sh
+
+up: build
+	@rm -rf $(STATE)/up && bin/simulator local --dir $(STATE)/up
 
 tidy:
 	@for m in $(MODULES); do (cd $$m && $(GO) mod tidy) || exit 1; done

@@ -16,7 +16,7 @@ work=$state/demo
 for tool in openssl curl mkfifo; do
 	command -v "$tool" >/dev/null || { echo "make run uses $tool as the device's EST client; install it (apt-get install openssl curl)" >&2; exit 1; }
 done
-rm -rf "$pki" "$data" "$work"
+rm -rf "$pki" "$data" "$work" "$state/sim"
 mkdir -p "$work"
 bin/certs init --dir "$pki" --trust-domain "$td"
 echo
@@ -31,7 +31,7 @@ mkfifo "$work/addr"
 bin/provisioning serve --pki "$pki" --data "$data" --listen 127.0.0.1:0 --metrics-listen off --addr-file "$work/addr" 2>"$work/provisioning.log" &
 pid=$!
 gwpid=
-trap 'kill $pid $gwpid 2>/dev/null; wait $pid $gwpid 2>/dev/null || true' EXIT
+trap 'kill $pid $gwpid 2>/dev/null || true; wait $pid $gwpid 2>/dev/null || true' EXIT
 addr=$(cat "$work/addr")
 port=${addr##*:}
 echo "provisioning service on https://localhost:$port (log: $work/provisioning.log)"
@@ -72,3 +72,13 @@ echo
 echo "the gateway decrypted and stored (fsync'd before each PUBACK) in $sink:"
 head -3 "$sink"
 echo "... $(wc -l <"$sink") records"
+kill $pid $gwpid 2>/dev/null || true
+wait $pid $gwpid 2>/dev/null || true
+pid= gwpid=
+echo
+
+echo "now a fleet: 100 virtual devices, each running the device agent, enrolled over EST on a"
+echo "stack of its own, for 60 s of encrypted telemetry, rekeying every 20 s..."
+bin/simulator run --local --dir "$state/sim" --devices 100 --rate 50 --duration 60s --interval 1s \
+	--epoch-every 20s --generation-every 10s --json "$state/sim/summary.json"
+echo "summary in $state/sim/summary.json"

@@ -40,6 +40,9 @@ type Config struct {
 	InFlight int
 	// OnCommand receives each command, in order, once.
 	OnCommand func(Command)
+	// OnEpoch, if set, is told of each new epoch (the fleet simulator
+	// measures handshakes with it).
+	OnEpoch func(kid sessionkey.KID)
 	// Renew at this fraction of the certificate's lifetime (default 2/3),
 	// plus up to RenewJitter of the lifetime (default 5 %).
 	RenewAt, RenewJitter float64
@@ -566,6 +569,9 @@ func (k *conn) kexResp(b []byte) error {
 		k.a.epochs.Add(1)
 		k.a.log.Debug("new epoch", "kid", hex.EncodeToString(ep.KID[:]))
 		k.a.setStatus(func(s *Status) { s.KID, s.EpochStarted = hex.EncodeToString(ep.KID[:]), ep.Started })
+		if k.a.cfg.OnEpoch != nil {
+			k.a.cfg.OnEpoch(ep.KID)
+		}
 	}
 	return nil
 }

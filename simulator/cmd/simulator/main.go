@@ -1,15 +1,195 @@
-// Command simulator will be the fleet simulator.
+// Command simulator drives fleets of virtual devices through fleetkey.
 //
-// It is not built yet (issue 7). Until then it says so and exits non-zero,
-// rather than pretend to work.
+//	simulator local [--dir DIR]           the whole stack on loopback, until interrupted
+//	simulator run --local [flags]         the stack, then a fleet through it
+//	simulator run --provisioning URL --ca ROOT.pem --token T --gateway HOST:PORT [flags]
 package main
 
 import (
+	"context"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"flag"
 	"fmt"
+	"log/slog"
 	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"fleetkey.dev/certs/trust"
+	"fleetkey.dev/sessionkey"
+	"fleetkey.dev/simulator"
 )
 
+const usage = `usage:
+  simulator local [--dir DIR]
+  simulator run --local [--dir DIR] [flags]
+  simulator run --provisioning https://HOST:PORT --ca ROOT.pem --token T --gateway HOST:PORT [flags]
+
+run flags:
+  --devices N        virtual devices (default 100)
+  --rate R           devices started per second, open model (default 50)
+  --duration D       telemetry phase (default 60s)
+  --interval D       each device publishes this often (default 1s)
+  --payload N        record body bytes (default 64)
+  --suite 1|2        fkx1 suite (default 1)
+  --epoch-every D    new handshake at least this often (default 1h)
+  --generation-every D  new key generation at least this often (default 10m)
+  --json FILE        write the summary as JSON
+`
+
 func main() {
-	fmt.Fprintln(os.Stderr, "simulator: not implemented yet: the fleet simulator is issue 7")
-	os.Exit(2)
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var err error
+	switch os.Args[1] {
+	case "local":
+		err = local(ctx, os.Args[2:])
+	case "run":
+		err = run(ctx, os.Args[2:])
+	case "-h", "--help", "help":
+		fmt.Print(usage)
+		return
+	default:
+		err = fmt.Errorf("unknown command %q\n%s", os.Args[1], usage)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "simulator:", err)
+		os.Exit(1)
+	}
+}
+
+func stateDir(flagDir string) (string, error) {
+	if flagDir != "" {
+		return flagDir, os.MkdirAll(flagDir, 0o700)
+	}
+	return os.MkdirTemp("", "fleetkey-sim-")
+}
+
+func local(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("local", flag.ContinueOnError)
+	dir := fs.String("dir", "", "state directory (default a new temporary one)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	d, err := stateDir(*dir)
+	if err != nil {
+		return err
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	s, err := simulator.StartLocal(ctx, d, log)
+	if err != nil {
+		return err
+	}
+	tok, err := s.Token(ctx, "", 1000)
+	if err != nil {
+		s.Stop()
+		return err
+	}
+	pki := s.PKI
+	fmt.Printf(`fleetkey is up (state in %s); Ctrl-C stops it.
+
+  provisioning  %s   (EST: /.well-known/est/, attestation: /attest/v1/)
+  gateway       mqtts://%s
+  telemetry     %s (the gateway's sink)
+  token         %s   (1000 enrollments)
+
+enroll and run a device:
+  bin/device-agent enroll --provisioning %s --ca %s --token %s --id dev-1 --dir %s/dev-1
+  bin/device-agent run --dir %s/dev-1 --gateway %s --source synthetic:1s
+
+watch the decrypted telemetry as a service:
+  mosquitto_sub -h localhost -p %s --cafile %s --cert %s --key %s -i service -t 'fleet/telemetry/#' -v
+`, d, s.Provisioning, s.Gateway, s.Sink, tok, s.Provisioning, s.RootPEMFile(), tok, d, d, s.Gateway,
+		s.Gateway[len("localhost:"):], s.RootPEMFile(), filepath.Join(pki, "service.crt"), filepath.Join(pki, "service.key"))
+	<-ctx.Done()
+	return s.Stop()
+}
+
+func run(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	localStack := fs.Bool("local", false, "start the stack in this process first")
+	dir := fs.String("dir", "", "state directory")
+	prov := fs.String("provisioning", "", "provisioning URL")
+	caFile := fs.String("ca", "", "fleet root (PEM)")
+	token := fs.String("token", "", "enrollment token")
+	gw := fs.String("gateway", "", "gateway HOST:PORT")
+	devices := fs.Int("devices", 100, "devices")
+	rate := fs.Float64("rate", 50, "devices started per second")
+	duration := fs.Duration("duration", 60*time.Second, "telemetry phase")
+	interval := fs.Duration("interval", time.Second, "publish interval")
+	payload := fs.Int("payload", 64, "record body bytes")
+	suite := fs.Int("suite", 1, "fkx1 suite")
+	epochEvery := fs.Duration("epoch-every", 0, "new handshake interval")
+	genEvery := fs.Duration("generation-every", 0, "new key generation interval")
+	jsonOut := fs.String("json", "", "write the summary here")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *suite != 1 && *suite != 2 {
+		return fmt.Errorf("--suite %d: want 1 or 2", *suite)
+	}
+	if *devices < 1 || *devices > 100_000 || *rate <= 0 || *interval <= 0 || *payload < 0 || *payload > 60_000 {
+		return errors.New("--devices 1 to 100000, --rate and --interval positive, --payload 0 to 60000")
+	}
+	d, err := stateDir(*dir)
+	if err != nil {
+		return err
+	}
+	cfg := simulator.RunConfig{Devices: *devices, Rate: *rate, Duration: *duration, Interval: *interval, Payload: *payload,
+		Suite: sessionkey.Suite(*suite), Rotation: sessionkey.Rotation{EpochEvery: *epochEvery, GenerationEvery: *genEvery}, Dir: filepath.Join(d, "devices"), Progress: os.Stderr}
+	if *localStack {
+		s, err := simulator.StartLocal(ctx, d, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+		if err != nil {
+			return err
+		}
+		defer s.Stop()
+		if cfg.Token, err = s.Token(ctx, "sim-", *devices); err != nil {
+			return err
+		}
+		cfg.Provisioning, cfg.Gateway, cfg.RootCAs, cfg.Sink = s.Provisioning, s.Gateway, s.RootCAs, s.Sink
+		fmt.Fprintf(os.Stderr, "stack up: provisioning %s, gateway %s, state in %s\n", s.Provisioning, s.Gateway, d)
+	} else {
+		if *prov == "" || *caFile == "" || *token == "" || *gw == "" {
+			return errors.New("run needs --local, or --provisioning, --ca, --token and --gateway")
+		}
+		pem, err := os.ReadFile(*caFile)
+		if err != nil {
+			return err
+		}
+		roots, err := trust.ParseCertificatesPEM(pem)
+		if err != nil || len(roots) == 0 {
+			return fmt.Errorf("%s holds no certificate", *caFile)
+		}
+		cfg.RootCAs = x509.NewCertPool()
+		for _, r := range roots {
+			cfg.RootCAs.AddCert(r)
+		}
+		cfg.Provisioning, cfg.Token, cfg.Gateway = *prov, *token, *gw
+	}
+	sum, err := simulator.Run(ctx, cfg)
+	if sum != nil {
+		b, _ := json.MarshalIndent(sum, "", "  ")
+		fmt.Println(string(b))
+		if *jsonOut != "" {
+			if werr := os.WriteFile(*jsonOut, append(b, '\n'), 0o644); werr != nil {
+				return werr
+			}
+		}
+	}
+	if err != nil {
+		return err
+	}
+	if len(sum.Errors) > 0 || sum.Lost > 0 || sum.Duplicated > 0 || sum.Connected < sum.Devices {
+		return fmt.Errorf("the run failed: %d errors, %d lost, %d duplicated, %d of %d devices connected", len(sum.Errors), sum.Lost, sum.Duplicated, sum.Connected, sum.Devices)
+	}
+	fmt.Fprintf(os.Stderr, "%d devices, %d records, none lost or duplicated\n", sum.Devices, sum.InSink)
+	return nil
 }
