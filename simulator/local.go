@@ -34,10 +34,12 @@ type Stack struct {
 	// address; Sink the gateway's telemetry file.
 	Provisioning, Gateway, Sink string
 	// RootCAs authenticate both.
-	RootCAs *x509.CertPool
-	admin   tls.Certificate
-	cancel  context.CancelFunc
-	done    chan error
+	RootCAs  *x509.CertPool
+	admin    tls.Certificate
+	cancel   context.CancelFunc // provisioning
+	cancelGW context.CancelFunc
+	done     chan error
+	gwDone   chan error
 }
 
 // StartLocal makes a PKI in dir and starts provisioning and the gateway
@@ -46,7 +48,7 @@ func StartLocal(ctx context.Context, dir string, log *slog.Logger) (*Stack, erro
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Stack{Dir: dir, PKI: filepath.Join(dir, "pki"), Sink: filepath.Join(dir, "telemetry.jsonl"), done: make(chan error, 2)}
+	s := &Stack{Dir: dir, PKI: filepath.Join(dir, "pki"), Sink: filepath.Join(dir, "telemetry.jsonl"), done: make(chan error, 1), gwDone: make(chan error, 1), cancelGW: func() {}}
 	if _, err := pkidir.Init(s.PKI, pkidir.InitOptions{TrustDomain: "fleet.local"}); err != nil {
 		return nil, fmt.Errorf("making the fleet PKI: %w", err)
 	}
@@ -83,23 +85,30 @@ func StartLocal(ctx context.Context, dir string, log *slog.Logger) (*Stack, erro
 		s.cancel()
 		return nil, err
 	}
-	go func() { s.done <- gw.Serve(ctx, gln, nil) }()
+	var gctx context.Context
+	gctx, s.cancelGW = context.WithCancel(ctx)
+	go func() { s.gwDone <- gw.Serve(gctx, gln, nil) }()
 	s.Gateway = "localhost:" + portOf(gln.Addr())
 	return s, nil
 }
 
 func portOf(a net.Addr) string { return fmt.Sprint(a.(*net.TCPAddr).Port) }
 
-// Stop shuts both services down and waits for them.
+// Stop shuts the gateway down, then provisioning (whose revocation feed
+// the gateway follows), and waits for each.
 func (s *Stack) Stop() error {
-	s.cancel()
 	var errs []error
-	for range 2 {
+	for _, step := range []struct {
+		cancel context.CancelFunc
+		done   chan error
+		name   string
+	}{{s.cancelGW, s.gwDone, "gateway"}, {s.cancel, s.done, "provisioning"}} {
+		step.cancel()
 		select {
-		case err := <-s.done:
+		case err := <-step.done:
 			errs = append(errs, err)
 		case <-time.After(15 * time.Second):
-			errs = append(errs, errors.New("a service did not stop within 15 s"))
+			errs = append(errs, fmt.Errorf("the %s did not stop within 15 s", step.name))
 		}
 	}
 	return errors.Join(errs...)

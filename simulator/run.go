@@ -40,6 +40,9 @@ type RunConfig struct {
 	Sink string
 	// Dir holds the devices' state directories.
 	Dir string
+	// Identities, if set (one per device, from Fleet.Mint), replace
+	// enrollment: the devices connect with them at once.
+	Identities []*agent.Credentials
 	// Progress, if set, gets a line a second.
 	Progress io.Writer
 	Log      *slog.Logger
@@ -80,6 +83,9 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 	if cfg.Devices <= 0 || cfg.Rate <= 0 || cfg.Interval <= 0 {
 		return nil, fmt.Errorf("devices, rate and interval must be positive")
 	}
+	if cfg.Identities != nil && len(cfg.Identities) != cfg.Devices {
+		return nil, fmt.Errorf("%d identities for %d devices", len(cfg.Identities), cfg.Devices)
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
@@ -108,7 +114,7 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 	}()
 	for i := range runs {
 		intended := start.Add(time.Duration(float64(i) / cfg.Rate * float64(time.Second)))
-		r := &deviceRun{id: fmt.Sprintf("sim-%05d", i)}
+		r := &deviceRun{id: deviceID(i)}
 		runs[i] = r
 		wg.Add(1)
 		go func() {
@@ -116,19 +122,25 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 			if !sleepUntil(ctx, intended) {
 				return
 			}
-			st := &agent.State{Dir: filepath.Join(cfg.Dir, r.id)}
-			if _, err := st.Enroll(ctx, agent.EnrollOptions{Provisioning: cfg.Provisioning, RootCAs: cfg.RootCAs, Token: cfg.Token, ID: r.id}); err != nil {
-				r.err = fmt.Errorf("enroll %s: %w", r.id, err)
-				return
+			ac := agent.Config{Gateway: cfg.Gateway, Suite: cfg.Suite, Rotation: cfg.Rotation, Log: cfg.Log.With("device", r.id)}
+			if cfg.Identities != nil {
+				ac.Credentials, ac.DeviceID = cfg.Identities[i], r.id
+			} else {
+				st := &agent.State{Dir: filepath.Join(cfg.Dir, r.id)}
+				if _, err := st.Enroll(ctx, agent.EnrollOptions{Provisioning: cfg.Provisioning, RootCAs: cfg.RootCAs, Token: cfg.Token, ID: r.id}); err != nil {
+					r.err = fmt.Errorf("enroll %s: %w", r.id, err)
+					return
+				}
+				ac.State = st
 			}
 			r.enrolled = time.Since(intended)
 			enrolled.Add(1)
 			var once sync.Once
 			readyCh := make(chan struct{})
-			a, err := agent.New(agent.Config{State: st, Gateway: cfg.Gateway, Suite: cfg.Suite, Rotation: cfg.Rotation, Log: cfg.Log.With("device", r.id),
-				OnEpoch: func(sessionkey.KID) {
-					once.Do(func() { r.ready = time.Since(intended); ready.Add(1); close(readyCh) })
-				}})
+			ac.OnEpoch = func(sessionkey.KID) {
+				once.Do(func() { r.ready = time.Since(intended); ready.Add(1); close(readyCh) })
+			}
+			a, err := agent.New(ac)
 			if err != nil {
 				r.err = err
 				return

@@ -1,9 +1,17 @@
 package simulator
 
 import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"runtime"
+	"sync"
 	"testing"
 	"time"
 
+	"fleetkey.dev/certs/pkidir"
 	"fleetkey.dev/sessionkey"
 )
 
@@ -35,4 +43,87 @@ func TestRunLocal(t *testing.T) {
 	if sum.Handshakes <= 10 {
 		t.Fatalf("%d handshakes for 10 devices over 3 s with a 1 s epoch: no rekey", sum.Handshakes)
 	}
+}
+
+// TestRunFastIdentities: identities minted from the fleet CA connect at
+// once, each with its own certificate.
+func TestRunFastIdentities(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs the whole stack")
+	}
+	dir := t.TempDir()
+	s, err := StartLocal(t.Context(), dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Stop()
+	f, err := OpenFleet(s.PKI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids, err := f.Mint(30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for _, c := range ids {
+		seen[c.Leaf.SerialNumber.String()] = true
+	}
+	if len(seen) != 30 {
+		t.Fatalf("%d distinct certificates for 30 devices", len(seen))
+	}
+	sum, err := Run(t.Context(), RunConfig{Devices: 30, Rate: 100, Duration: time.Second, Interval: 200 * time.Millisecond,
+		Gateway: s.Gateway, Sink: s.Sink, Identities: ids})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sum.Connected != 30 || sum.InSink != sum.Published || sum.Lost != 0 || sum.Duplicated != 0 || len(sum.Errors) > 0 {
+		t.Fatalf("summary: %+v", sum)
+	}
+}
+
+// BenchmarkMintIdentities: per-device keys and certificates from the
+// fleet CA, in parallel (goal: 5,000/s), against the floor of one P-256
+// key generation and one P-256 signature each, in the same run.
+func BenchmarkMintIdentities(b *testing.B) {
+	pki := b.TempDir() + "/pki"
+	if _, err := pkidir.Init(pki, pkidir.InitOptions{TrustDomain: "fleet.test", Options: pkidir.Options{KDFIterations: 1000}}); err != nil {
+		b.Fatal(err)
+	}
+	f, err := OpenFleet(pki)
+	if err != nil {
+		b.Fatal(err)
+	}
+	const batch = 1000
+	b.Run("floor", func(b *testing.B) {
+		signer, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		digest := sha256.Sum256([]byte("tbs"))
+		for b.Loop() {
+			var wg sync.WaitGroup
+			next := make(chan struct{}, batch)
+			for range batch {
+				next <- struct{}{}
+			}
+			close(next)
+			for range runtime.GOMAXPROCS(0) {
+				wg.Go(func() {
+					for range next {
+						k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+						_ = k
+						_, _ = signer.Sign(rand.Reader, digest[:], crypto.SHA256)
+					}
+				})
+			}
+			wg.Wait()
+		}
+		b.ReportMetric(float64(batch*b.N)/b.Elapsed().Seconds(), "ids/s")
+	})
+	b.Run("fleetkey", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := f.Mint(batch); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.ReportMetric(float64(batch*b.N)/b.Elapsed().Seconds(), "ids/s")
+	})
 }

@@ -39,6 +39,8 @@ run flags:
   --epoch-every D    new handshake at least this often (default 1h)
   --generation-every D  new key generation at least this often (default 10m)
   --json FILE        write the summary as JSON
+  --identities I     enroll (each device over EST; default) or fast (minted in parallel from
+                     the fleet CA: --local, or --pki DIR with its passphrase)
 `
 
 func main() {
@@ -130,11 +132,16 @@ func run(ctx context.Context, args []string) error {
 	epochEvery := fs.Duration("epoch-every", 0, "new handshake interval")
 	genEvery := fs.Duration("generation-every", 0, "new key generation interval")
 	jsonOut := fs.String("json", "", "write the summary here")
+	idents := fs.String("identities", "enroll", "enroll (EST, through provisioning) or fast (minted from the fleet CA in --pki)")
+	pkiDir := fs.String("pki", "", "the fleet PKI directory, for --identities fast without --local")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *suite != 1 && *suite != 2 {
 		return fmt.Errorf("--suite %d: want 1 or 2", *suite)
+	}
+	if *idents != "enroll" && *idents != "fast" {
+		return fmt.Errorf("--identities %q: want enroll or fast", *idents)
 	}
 	if *devices < 1 || *devices > 100_000 || *rate <= 0 || *interval <= 0 || *payload < 0 || *payload > 60_000 {
 		return errors.New("--devices 1 to 100000, --rate and --interval positive, --payload 0 to 60000")
@@ -156,6 +163,7 @@ func run(ctx context.Context, args []string) error {
 		}
 		cfg.Provisioning, cfg.Gateway, cfg.RootCAs, cfg.Sink = s.Provisioning, s.Gateway, s.RootCAs, s.Sink
 		fmt.Fprintf(os.Stderr, "stack up: provisioning %s, gateway %s, state in %s\n", s.Provisioning, s.Gateway, d)
+		*pkiDir = s.PKI
 	} else {
 		if *prov == "" || *caFile == "" || *token == "" || *gw == "" {
 			return errors.New("run needs --local, or --provisioning, --ca, --token and --gateway")
@@ -173,6 +181,21 @@ func run(ctx context.Context, args []string) error {
 			cfg.RootCAs.AddCert(r)
 		}
 		cfg.Provisioning, cfg.Token, cfg.Gateway = *prov, *token, *gw
+	}
+	if *idents == "fast" {
+		if *pkiDir == "" {
+			return errors.New("--identities fast needs the fleet CA: --local, or --pki DIR")
+		}
+		f, err := simulator.OpenFleet(*pkiDir)
+		if err != nil {
+			return err
+		}
+		start := time.Now()
+		if cfg.Identities, err = f.Mint(*devices); err != nil {
+			return err
+		}
+		el := time.Since(start)
+		fmt.Fprintf(os.Stderr, "minted %d identities in %s (%.0f/s)\n", *devices, el.Round(time.Millisecond), float64(*devices)/el.Seconds())
 	}
 	sum, err := simulator.Run(ctx, cfg)
 	if sum != nil {

@@ -1,0 +1,81 @@
+package simulator
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"fmt"
+	"runtime"
+	"sync"
+
+	"fleetkey.dev/certs/authority"
+	"fleetkey.dev/certs/identity"
+	"fleetkey.dev/certs/pkidir"
+	"fleetkey.dev/certs/trust"
+	"fleetkey.dev/device-agent/agent"
+)
+
+// Fleet mints device identities straight from the fleet's issuing CA
+// (--identities fast): what a load test needs when enrollment itself is
+// not under test. Each device still gets its own key and certificate.
+type Fleet struct {
+	issuer *authority.Issuer
+	bundle *trust.Bundle
+}
+
+// OpenFleet loads the issuing CA of a PKI directory (its passphrase from
+// ca.pass or the environment, as `certs` finds it).
+func OpenFleet(pki string) (*Fleet, error) {
+	pass, err := pkidir.ResolvePassphrase(pki, "")
+	if err != nil {
+		return nil, err
+	}
+	ca, err := pkidir.LoadIssuing(pki, pass)
+	if err != nil {
+		return nil, err
+	}
+	bundle, err := pkidir.LoadBundle(pki)
+	if err != nil {
+		return nil, err
+	}
+	return &Fleet{issuer: &authority.Issuer{CA: ca, Policy: authority.Policy{TrustDomain: bundle.TrustDomain()}}, bundle: bundle}, nil
+}
+
+// Mint makes n identities ("sim-%05d") in parallel, one worker per CPU,
+// in memory.
+func (f *Fleet) Mint(n int) ([]*agent.Credentials, error) {
+	out := make([]*agent.Credentials, n)
+	errs := make([]error, n)
+	next := make(chan int, n)
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	var wg sync.WaitGroup
+	for range runtime.GOMAXPROCS(0) {
+		wg.Go(func() {
+			for i := range next {
+				key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+				if err != nil {
+					errs[i] = err
+					continue
+				}
+				c, err := f.issuer.Issue(&authority.Request{Role: identity.RoleDevice, Name: deviceID(i), PublicKey: key.Public()})
+				if err != nil {
+					errs[i] = fmt.Errorf("minting %s: %w", deviceID(i), err)
+					continue
+				}
+				out[i] = &agent.Credentials{Signer: key, Leaf: c, Bundle: f.bundle}
+			}
+		})
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+func deviceID(i int) string { return fmt.Sprintf("sim-%05d", i) }
