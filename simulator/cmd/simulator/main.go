@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -39,6 +40,8 @@ run flags:
   --epoch-every D    new handshake at least this often (default 1h)
   --generation-every D  new key generation at least this often (default 10m)
   --json FILE        write the summary as JSON
+  --slo LIST         objectives, e.g. 'ready_p99<2s,loss=0' (metrics: enroll_p50, enroll_p99,
+                     ready_p50, ready_p99, loss, duplicates, errors, unconnected); a miss exits 1
   --identities I     enroll (each device over EST; default) or fast (minted in parallel from
                      the fleet CA: --local, or --pki DIR with its passphrase)
 `
@@ -134,11 +137,16 @@ func run(ctx context.Context, args []string) error {
 	jsonOut := fs.String("json", "", "write the summary here")
 	idents := fs.String("identities", "enroll", "enroll (EST, through provisioning) or fast (minted from the fleet CA in --pki)")
 	pkiDir := fs.String("pki", "", "the fleet PKI directory, for --identities fast without --local")
+	sloSpec := fs.String("slo", "", "objectives, e.g. 'ready_p99<2s,loss=0'; the run exits non-zero when one is missed")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *suite != 1 && *suite != 2 {
 		return fmt.Errorf("--suite %d: want 1 or 2", *suite)
+	}
+	slos, err := simulator.ParseSLOs(*sloSpec)
+	if err != nil {
+		return err
 	}
 	if *idents != "enroll" && *idents != "fast" {
 		return fmt.Errorf("--identities %q: want enroll or fast", *idents)
@@ -209,6 +217,9 @@ func run(ctx context.Context, args []string) error {
 	}
 	if err != nil {
 		return err
+	}
+	if missed := simulator.Check(sum, slos); len(missed) > 0 {
+		return fmt.Errorf("SLOs missed: %s", strings.Join(missed, "; "))
 	}
 	if len(sum.Errors) > 0 || sum.Lost > 0 || sum.Duplicated > 0 || sum.Connected < sum.Devices {
 		return fmt.Errorf("the run failed: %d errors, %d lost, %d duplicated, %d of %d devices connected", len(sum.Errors), sum.Lost, sum.Duplicated, sum.Connected, sum.Devices)
