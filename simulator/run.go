@@ -25,6 +25,12 @@ type RunConfig struct {
 	// second (each device's intended start is i/Rate after the first).
 	Devices int
 	Rate    float64
+	// Schedule, if set, replaces the constant rate (ParseSchedule).
+	Schedule Schedule
+	// MaxHandshakes caps devices between their start and their first
+	// epoch (enrollment, TLS, fkx1); 0 is no cap. Waiting for a place
+	// counts in their latency.
+	MaxHandshakes int
 	// Duration of the telemetry phase; each device publishes a record of
 	// Payload bytes every Interval.
 	Duration, Interval time.Duration
@@ -94,7 +100,15 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 	var published, enrolled, ready atomic.Int64
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stopPub := start.Add(time.Duration(float64(cfg.Devices)/cfg.Rate*float64(time.Second)) + cfg.Duration)
+	sched := cfg.Schedule
+	if sched == nil {
+		sched, _ = ParseSchedule("constant", cfg.Rate)
+	}
+	var slots chan struct{}
+	if cfg.MaxHandshakes > 0 {
+		slots = make(chan struct{}, cfg.MaxHandshakes)
+	}
+	stopPub := start.Add(sched(cfg.Devices-1) + cfg.Duration)
 	var wg sync.WaitGroup
 	agentsDone := make(chan struct{})
 	var agentWG sync.WaitGroup
@@ -113,7 +127,7 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 		}
 	}()
 	for i := range runs {
-		intended := start.Add(time.Duration(float64(i) / cfg.Rate * float64(time.Second)))
+		intended := start.Add(sched(i))
 		r := &deviceRun{id: deviceID(i)}
 		runs[i] = r
 		wg.Add(1)
@@ -121,6 +135,17 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 			defer wg.Done()
 			if !sleepUntil(ctx, intended) {
 				return
+			}
+			var release func()
+			if slots != nil {
+				select {
+				case slots <- struct{}{}:
+				case <-ctx.Done():
+					return
+				}
+				var once sync.Once
+				release = func() { once.Do(func() { <-slots }) }
+				defer release()
 			}
 			ac := agent.Config{Gateway: cfg.Gateway, Suite: cfg.Suite, Rotation: cfg.Rotation, Log: cfg.Log.With("device", r.id)}
 			if cfg.Identities != nil {
@@ -138,7 +163,14 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 			var once sync.Once
 			readyCh := make(chan struct{})
 			ac.OnEpoch = func(sessionkey.KID) {
-				once.Do(func() { r.ready = time.Since(intended); ready.Add(1); close(readyCh) })
+				once.Do(func() {
+					r.ready = time.Since(intended)
+					ready.Add(1)
+					close(readyCh)
+					if release != nil {
+						release()
+					}
+				})
 			}
 			a, err := agent.New(ac)
 			if err != nil {

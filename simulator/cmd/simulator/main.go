@@ -33,6 +33,8 @@ const usage = `usage:
 run flags:
   --devices N        virtual devices (default 100)
   --rate R           devices started per second, open model (default 50)
+  --schedule S       constant (default), ramp:D (0 to rate over D), burst:N/P, poisson
+  --max-handshakes K at most K devices between their start and their first key
   --duration D       telemetry phase (default 60s)
   --interval D       each device publishes this often (default 1s)
   --payload N        record body bytes (default 64)
@@ -128,6 +130,8 @@ func run(ctx context.Context, args []string) error {
 	gw := fs.String("gateway", "", "gateway HOST:PORT")
 	devices := fs.Int("devices", 100, "devices")
 	rate := fs.Float64("rate", 50, "devices started per second")
+	schedSpec := fs.String("schedule", "constant", "constant, ramp:D, burst:N/P or poisson")
+	maxHS := fs.Int("max-handshakes", 0, "at most this many devices between start and their first key (0: no cap)")
 	duration := fs.Duration("duration", 60*time.Second, "telemetry phase")
 	interval := fs.Duration("interval", time.Second, "publish interval")
 	payload := fs.Int("payload", 64, "record body bytes")
@@ -144,6 +148,13 @@ func run(ctx context.Context, args []string) error {
 	if *suite != 1 && *suite != 2 {
 		return fmt.Errorf("--suite %d: want 1 or 2", *suite)
 	}
+	sched, err := simulator.ParseSchedule(*schedSpec, *rate)
+	if err != nil {
+		return err
+	}
+	if *maxHS < 0 {
+		return errors.New("--max-handshakes must not be negative")
+	}
 	slos, err := simulator.ParseSLOs(*sloSpec)
 	if err != nil {
 		return err
@@ -158,7 +169,7 @@ func run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	cfg := simulator.RunConfig{Devices: *devices, Rate: *rate, Duration: *duration, Interval: *interval, Payload: *payload,
+	cfg := simulator.RunConfig{Devices: *devices, Rate: *rate, Schedule: sched, MaxHandshakes: *maxHS, Duration: *duration, Interval: *interval, Payload: *payload,
 		Suite: sessionkey.Suite(*suite), Rotation: sessionkey.Rotation{EpochEvery: *epochEvery, GenerationEvery: *genEvery}, Dir: filepath.Join(d, "devices"), Progress: os.Stderr}
 	if *localStack {
 		s, err := simulator.StartLocal(ctx, d, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
