@@ -36,6 +36,8 @@ type Stack struct {
 	// RootCAs authenticate both.
 	RootCAs  *x509.CertPool
 	admin    tls.Certificate
+	log      *slog.Logger
+	ctx      context.Context
 	cancel   context.CancelFunc // provisioning
 	cancelGW context.CancelFunc
 	done     chan error
@@ -61,6 +63,7 @@ func StartLocal(ctx context.Context, dir string, log *slog.Logger) (*Stack, erro
 		return nil, err
 	}
 	ctx, s.cancel = context.WithCancel(ctx)
+	s.ctx, s.log = ctx, log
 	prov, err := provserver.New(ctx, provserver.Config{PKIDir: s.PKI, DataDir: filepath.Join(dir, "provisioning"), MetricsListen: "off"},
 		provserver.Options{Log: log.With("service", "provisioning")})
 	if err != nil {
@@ -74,22 +77,49 @@ func StartLocal(ctx context.Context, dir string, log *slog.Logger) (*Stack, erro
 	}
 	go func() { s.done <- prov.Serve(ctx, pln, nil) }()
 	s.Provisioning = "https://localhost:" + portOf(pln.Addr())
-	gw, err := gwserver.New(gwserver.Config{PKIDir: s.PKI, Provisioning: s.Provisioning, TelemetrySink: s.Sink, MetricsListen: "off",
-		Listen: "127.0.0.1:0"}, log.With("service", "gateway"))
-	if err != nil {
-		s.cancel()
-		return nil, fmt.Errorf("gateway: %w", err)
-	}
 	gln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		s.cancel()
 		return nil, err
 	}
-	var gctx context.Context
-	gctx, s.cancelGW = context.WithCancel(ctx)
-	go func() { s.gwDone <- gw.Serve(gctx, gln, nil) }()
+	if err := s.startGateway(gln); err != nil {
+		s.cancel()
+		return nil, err
+	}
 	s.Gateway = "localhost:" + portOf(gln.Addr())
 	return s, nil
+}
+
+// startGateway builds the gateway and serves it on ln.
+func (s *Stack) startGateway(ln net.Listener) error {
+	gw, err := gwserver.New(gwserver.Config{PKIDir: s.PKI, Provisioning: s.Provisioning, TelemetrySink: s.Sink, MetricsListen: "off",
+		Listen: "127.0.0.1:0"}, s.log.With("service", "gateway"))
+	if err != nil {
+		ln.Close()
+		return fmt.Errorf("gateway: %w", err)
+	}
+	var gctx context.Context
+	gctx, s.cancelGW = context.WithCancel(s.ctx)
+	done := make(chan error, 1)
+	s.gwDone = done
+	go func() { done <- gw.Serve(gctx, ln, nil) }()
+	return nil
+}
+
+// RestartGateway stops the gateway (its clients are cut off) and starts a
+// new one on the same address, over the same sink: a fault drill.
+func (s *Stack) RestartGateway() error {
+	s.cancelGW()
+	select {
+	case <-s.gwDone:
+	case <-time.After(15 * time.Second):
+		return errors.New("the gateway did not stop within 15 s")
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:"+s.Gateway[strings.LastIndexByte(s.Gateway, ':')+1:])
+	if err != nil {
+		return fmt.Errorf("the gateway's port: %w", err)
+	}
+	return s.startGateway(ln)
 }
 
 func portOf(a net.Addr) string { return fmt.Sprint(a.(*net.TCPAddr).Port) }

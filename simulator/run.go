@@ -49,9 +49,18 @@ type RunConfig struct {
 	// Identities, if set (one per device, from Fleet.Mint), replace
 	// enrollment: the devices connect with them at once.
 	Identities []*agent.Credentials
+	// Faults happen during the run, at their time after its start.
+	Faults []Fault
 	// Progress, if set, gets a line a second.
 	Progress io.Writer
 	Log      *slog.Logger
+}
+
+// Fault is something done to the system in the middle of a run.
+type Fault struct {
+	Name string
+	At   time.Duration
+	Do   func() error
 }
 
 // Summary is what a run measured. Latencies are from each device's
@@ -73,6 +82,7 @@ type Summary struct {
 	ReadyP50MS float64  `json:"ready_p50_ms"`
 	ReadyP99MS float64  `json:"ready_p99_ms"`
 	Errors     []string `json:"errors,omitempty"`
+	Faults     []string `json:"faults,omitempty"`
 	Seconds    float64  `json:"seconds"`
 }
 
@@ -126,6 +136,25 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 			}
 		}
 	}()
+	var faultMu sync.Mutex
+	var faultLog []string
+	for _, f := range cfg.Faults {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if !sleepUntil(ctx, start.Add(f.At)) {
+				return
+			}
+			err := f.Do()
+			faultMu.Lock()
+			defer faultMu.Unlock()
+			if err != nil {
+				faultLog = append(faultLog, fmt.Sprintf("%s at %s: failed: %v", f.Name, f.At, err))
+			} else {
+				faultLog = append(faultLog, fmt.Sprintf("%s at %s", f.Name, f.At))
+			}
+		}()
+	}
 	for i := range runs {
 		intended := start.Add(sched(i))
 		r := &deviceRun{id: deviceID(i)}
@@ -218,7 +247,7 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 	if cfg.Progress != nil {
 		fmt.Fprintln(cfg.Progress)
 	}
-	sum := &Summary{Devices: cfg.Devices, Published: published.Load(), Seconds: time.Since(start).Seconds()}
+	sum := &Summary{Devices: cfg.Devices, Published: published.Load(), Seconds: time.Since(start).Seconds(), Faults: faultLog}
 	var enrolls, readies []time.Duration
 	for _, r := range runs {
 		if r.err != nil {

@@ -42,6 +42,7 @@ run flags:
   --epoch-every D    new handshake at least this often (default 1h)
   --generation-every D  new key generation at least this often (default 10m)
   --json FILE        write the summary as JSON
+  --fault F          gateway-restart@D: restart the gateway D into the run (--local)
   --slo LIST         objectives, e.g. 'ready_p99<2s,loss=0' (metrics: enroll_p50, enroll_p99,
                      ready_p50, ready_p99, loss, duplicates, errors, unconnected); a miss exits 1
   --identities I     enroll (each device over EST; default) or fast (minted in parallel from
@@ -141,6 +142,8 @@ func run(ctx context.Context, args []string) error {
 	jsonOut := fs.String("json", "", "write the summary here")
 	idents := fs.String("identities", "enroll", "enroll (EST, through provisioning) or fast (minted from the fleet CA in --pki)")
 	pkiDir := fs.String("pki", "", "the fleet PKI directory, for --identities fast without --local")
+	var faults []string
+	fs.Func("fault", "a fault drill, e.g. gateway-restart@20s (with --local; repeatable)", func(v string) error { faults = append(faults, v); return nil })
 	sloSpec := fs.String("slo", "", "objectives, e.g. 'ready_p99<2s,loss=0'; the run exits non-zero when one is missed")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -183,7 +186,18 @@ func run(ctx context.Context, args []string) error {
 		cfg.Provisioning, cfg.Gateway, cfg.RootCAs, cfg.Sink = s.Provisioning, s.Gateway, s.RootCAs, s.Sink
 		fmt.Fprintf(os.Stderr, "stack up: provisioning %s, gateway %s, state in %s\n", s.Provisioning, s.Gateway, d)
 		*pkiDir = s.PKI
+		for _, f := range faults {
+			name, at, ok := strings.Cut(f, "@")
+			d, err := time.ParseDuration(at)
+			if !ok || err != nil || d < 0 || name != "gateway-restart" {
+				return fmt.Errorf("--fault %q: want gateway-restart@DURATION", f)
+			}
+			cfg.Faults = append(cfg.Faults, simulator.Fault{Name: name, At: d, Do: s.RestartGateway})
+		}
 	} else {
+		if len(faults) > 0 {
+			return errors.New("--fault needs --local: the simulator restarts only a gateway it runs")
+		}
 		if *prov == "" || *caFile == "" || *token == "" || *gw == "" {
 			return errors.New("run needs --local, or --provisioning, --ca, --token and --gateway")
 		}
