@@ -325,7 +325,7 @@ func (in *Initiator) HandleMsg2(b, mtlsLeaf []byte) ([]byte, error) {
 		return nil, err
 	}
 	m3 := &Msg3{Suite: in.cfg.Suite, SidD: in.sidD, SidG: m.SidG}
-	star := append(append(append([]byte{protocolVersion, typeMsg3, byte(in.cfg.Suite)}, in.sidD[:]...), m.SidG[:]...), cred...)
+	star := signedStar(typeMsg3, in.cfg.Suite, in.sidD, m.SidG, nil, cred)
 	th3 := TH3(th2, m.Sig, m.Fin, star)
 	sig, err := Sign(in.cfg.Identity.Signer, in.cfg.Rand, ContextDevice, th3)
 	if err != nil {
@@ -577,7 +577,7 @@ func (r *Responder) HandleMsg1(b []byte) ([]byte, error) {
 		return nil, err
 	}
 	th1 := TH1(r.deviceID, b)
-	star := append(append(append(append([]byte{protocolVersion, typeMsg2, byte(m.Suite)}, m.SidD[:]...), p.sidG[:]...), shareG...), cred...)
+	star := signedStar(typeMsg2, m.Suite, m.SidD, p.sidG, shareG, cred)
 	p.th2 = TH2(th1, star)
 	p.hs, err = deriveHandshake(p.th2, ikm)
 	wipe(ikm)

@@ -130,14 +130,21 @@ func ParseMsg1(b []byte) (*Msg1, error) {
 	return m, nil
 }
 
+// signedStar is msg2* or msg3*: the message up to and including the
+// credential, which the transcript hashes before the signature exists.
+func signedStar(typ byte, suite Suite, sidD, sidG SID, share, cred []byte) []byte {
+	out := make([]byte, 0, 3+2*sidSize+len(share)+len(cred)+2+maxSigSize+finSize)
+	out = append(append(out, protocolVersion, typ, byte(suite)), sidD[:]...)
+	return append(append(append(out, sidG[:]...), share...), cred...)
+}
+
 // marshalSigned appends sid_D ‖ sid_G ‖ share ‖ cred ‖ lp(sig) ‖ fin to
 // the header of type typ, and sets sg.Star.
 func marshalSigned(typ byte, suite Suite, sidD, sidG SID, share, cred []byte, sg *Signed) ([]byte, error) {
 	if len(sg.Sig) == 0 || len(sg.Sig) > maxSigSize || len(sg.Fin) != finSize {
 		return nil, fmt.Errorf("%w: signature of %d or finish of %d bytes", ErrMessage, len(sg.Sig), len(sg.Fin))
 	}
-	out := append([]byte{protocolVersion, typ, byte(suite)}, sidD[:]...)
-	out = append(append(append(out, sidG[:]...), share...), cred...)
+	out := signedStar(typ, suite, sidD, sidG, share, cred)
 	star := len(out)
 	out = lp(out, sg.Sig)
 	out = append(out, sg.Fin...)

@@ -190,12 +190,10 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 			r.enrolled = time.Since(intended)
 			enrolled.Add(1)
 			var once sync.Once
-			readyCh := make(chan struct{})
 			ac.OnEpoch = func(sessionkey.KID) {
 				once.Do(func() {
 					r.ready = time.Since(intended)
 					ready.Add(1)
-					close(readyCh)
 					if release != nil {
 						release()
 					}

@@ -12,28 +12,21 @@ import (
 	"time"
 
 	"fleetkey.dev/certs/pkidir"
+	"fleetkey.dev/device-agent/agent"
 	"fleetkey.dev/sessionkey"
 )
 
 // TestRunLocal: a small fleet through a local stack, with rekeying, loses
 // and duplicates nothing.
 func TestRunLocal(t *testing.T) {
-	if testing.Short() {
-		t.Skip("runs the whole stack")
-	}
-	dir := t.TempDir()
-	s, err := StartLocal(t.Context(), dir, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Stop()
+	s := localStack(t)
 	tok, err := s.Token(t.Context(), "sim-", 10)
 	if err != nil {
 		t.Fatal(err)
 	}
 	sum, err := Run(t.Context(), RunConfig{Devices: 10, Rate: 20, Duration: 3 * time.Second, Interval: 100 * time.Millisecond, Payload: 64,
 		Rotation:     sessionkey.Rotation{EpochEvery: time.Second, GenerationEvery: 300 * time.Millisecond},
-		Provisioning: s.Provisioning, Gateway: s.Gateway, RootCAs: s.RootCAs, Token: tok, Sink: s.Sink, Dir: dir + "/devices"})
+		Provisioning: s.Provisioning, Gateway: s.Gateway, RootCAs: s.RootCAs, Token: tok, Sink: s.Sink, Dir: s.Dir + "/devices"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,23 +41,8 @@ func TestRunLocal(t *testing.T) {
 // TestRunFastIdentities: identities minted from the fleet CA connect at
 // once, each with its own certificate.
 func TestRunFastIdentities(t *testing.T) {
-	if testing.Short() {
-		t.Skip("runs the whole stack")
-	}
-	dir := t.TempDir()
-	s, err := StartLocal(t.Context(), dir, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Stop()
-	f, err := OpenFleet(s.PKI)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ids, err := f.Mint(30)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := localStack(t)
+	ids := mint(t, s, 30)
 	seen := map[string]bool{}
 	for _, c := range ids {
 		seen[c.Leaf.SerialNumber.String()] = true
@@ -132,23 +110,8 @@ func BenchmarkMintIdentities(b *testing.B) {
 // same address in the middle of the run; the devices reconnect and rekey,
 // and no record is lost or stored twice.
 func TestGatewayRestartMidRun(t *testing.T) {
-	if testing.Short() {
-		t.Skip("runs the whole stack")
-	}
-	dir := t.TempDir()
-	s, err := StartLocal(t.Context(), dir, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Stop()
-	f, err := OpenFleet(s.PKI)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ids, err := f.Mint(20)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := localStack(t)
+	ids := mint(t, s, 20)
 	sum, err := Run(t.Context(), RunConfig{Devices: 20, Rate: 100, Duration: 4 * time.Second, Interval: 100 * time.Millisecond,
 		Gateway: s.Gateway, Sink: s.Sink, Identities: ids, Faults: []Fault{{Name: "gateway-restart", At: 1500 * time.Millisecond, Do: s.RestartGateway}}})
 	if err != nil {
@@ -160,4 +123,32 @@ func TestGatewayRestartMidRun(t *testing.T) {
 	if sum.Handshakes < 40 {
 		t.Fatalf("%d handshakes: the devices did not reconnect and rekey after the restart", sum.Handshakes)
 	}
+}
+
+// localStack starts the whole stack for a test, or skips under -short.
+func localStack(t *testing.T) *Stack {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("runs the whole stack")
+	}
+	s, err := StartLocal(t.Context(), t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Stop() })
+	return s
+}
+
+// mint makes n identities from the stack's fleet CA.
+func mint(t *testing.T, s *Stack, n int) []*agent.Credentials {
+	t.Helper()
+	f, err := OpenFleet(s.PKI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids, err := f.Mint(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ids
 }

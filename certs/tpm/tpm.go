@@ -191,20 +191,21 @@ func (d *Device) CreateKey(tmpl tpm2.TPMTPublic) (*KeyBlob, *ecdsa.PublicKey, er
 	return &KeyBlob{Public: tpm2.Marshal(rsp.OutPublic), Private: tpm2.Marshal(rsp.OutPrivate)}, pub, nil
 }
 
+// ecdsaPublic is PublicKey for the ECC keys this package makes.
 func ecdsaPublic(p tpm2.TPM2BPublic) (*ecdsa.PublicKey, error) {
 	pub, err := p.Contents()
 	if err != nil {
 		return nil, fmt.Errorf("TPM: public area: %w", err)
 	}
-	parms, err := pub.Parameters.ECCDetail()
+	k, err := PublicKey(pub)
 	if err != nil {
-		return nil, fmt.Errorf("TPM: not an ECC key: %w", err)
+		return nil, err
 	}
-	point, err := pub.Unique.ECC()
-	if err != nil {
-		return nil, fmt.Errorf("TPM: not an ECC key: %w", err)
+	ek, ok := k.(*ecdsa.PublicKey)
+	if !ok {
+		return nil, errors.New("TPM: not an ECC key")
 	}
-	return tpm2.ECDSAPub(parms, point)
+	return ek, nil
 }
 
 // Signer is a crypto.Signer over a device key in the TPM. The key is

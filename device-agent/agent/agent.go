@@ -83,9 +83,8 @@ type Agent struct {
 	renewed   chan struct{} // closed when a renewal asks for a new connection
 	lastCmdID uint64
 
-	acked  atomic.Int64
-	epochs atomic.Int64
-	stats  Stats
+	acked atomic.Int64
+	stats Stats
 }
 
 // Stats counts what the agent saw.
@@ -210,7 +209,7 @@ func (a *Agent) Status() Status {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	st := a.status
-	st.Epochs, st.RecordsAcked, st.Outbox = a.epochs.Load(), a.acked.Load(), a.outbox.Len()
+	st.Epochs, st.RecordsAcked, st.Outbox = a.stats.Handshakes.Load(), a.acked.Load(), a.outbox.Len()
 	st.Updated = a.cfg.Now()
 	return st
 }
@@ -566,7 +565,6 @@ func (k *conn) kexResp(b []byte) error {
 		k.a.ring.Add(ep)
 		k.fresh, k.tries = true, 0
 		k.a.stats.Handshakes.Add(1)
-		k.a.epochs.Add(1)
 		k.a.log.Debug("new epoch", "kid", hex.EncodeToString(ep.KID[:]))
 		k.a.setStatus(func(s *Status) { s.KID, s.EpochStarted = hex.EncodeToString(ep.KID[:]), ep.Started })
 		if k.a.cfg.OnEpoch != nil {

@@ -580,12 +580,9 @@ func (e *engine) hint(cl *mqtt.Client, id string, st *deviceState, kid sessionke
 }
 
 // command encrypts a service's command for the device under the key the
-// device has confirmed, or queues it until there is one.
+// device has confirmed, or queues it until there is one. The ACL has
+// checked the topic, so id is a valid device id.
 func (e *engine) command(id, channel string, body []byte) {
-	if identity.ValidateID(id) != nil {
-		e.refuse("command-device", &e.stats.CommandsRefused)
-		return
-	}
 	st := e.state(id)
 	st.cmdMu.Lock()
 	defer st.cmdMu.Unlock()

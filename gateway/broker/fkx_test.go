@@ -246,6 +246,17 @@ func TestFKXTelemetryAndCommands(t *testing.T) {
 	if n := len(f.sinkLines()); n != 4 {
 		t.Fatalf("sink holds %d lines", n)
 	}
+	// Commands for a device that is not connected wait, up to the limit.
+	for i := 0; i < 64; i++ {
+		if tok := svc.Publish("fleet/commands/dev-away/config", 1, false, "later"); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+			t.Fatal(tok.Error())
+		}
+	}
+	if f.refusals("command-queue-full") != 0 {
+		t.Fatal("a command refused before the queue was full")
+	}
+	svc.Publish("fleet/commands/dev-away/config", 1, false, "one too many").WaitTimeout(5 * time.Second)
+	waitFor(t, "the 65th queued command refused", func() bool { return f.refusals("command-queue-full") == 1 })
 	// The kex channel is reserved.
 	before := f.refusals("kex-channel")
 	if tok := svc.Publish("fleet/commands/dev-s1/kex", 1, false, "x"); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {

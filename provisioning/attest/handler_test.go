@@ -80,8 +80,13 @@ func (s *service) tokenUses(requireTPM bool, uses int) string {
 func (s *service) post(path, tok string, body any) (int, map[string]any) {
 	s.t.Helper()
 	b, _ := json.Marshal(body)
+	return s.postRaw(path, tok, "application/json", b)
+}
+
+func (s *service) postRaw(path, tok, contentType string, b []byte) (int, map[string]any) {
+	s.t.Helper()
 	req, _ := http.NewRequest("POST", s.srv.URL+path, bytes.NewReader(b))
-	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Content-Type", contentType)
 	if tok != "" {
 		req.Header.Set("Authorization", "Bearer "+tok)
 	}
@@ -225,6 +230,27 @@ func TestAttestationHTTPRefusals(t *testing.T) {
 	// Bad input.
 	code, out = s.post("/attest/v1/start", "", StartRequest{ID: "tpm-0006"})
 	expect("no token", code, out, 401, "no-credential")
+	// A session finished with another token than it was opened with.
+	code, out = s.post("/attest/v1/start", tok, StartRequest{ID: "tpm-0007", EKPublic: v.ek.Public, AKPublic: v.ak.Public})
+	if code != 200 {
+		t.Fatalf("start: %d %v", code, out)
+	}
+	code, out = s.post("/attest/v1/finish", s.token(true), FinishRequest{Session: out["session"].(string)})
+	expect("session of another token", code, out, 403, "session-token")
+	// The wrong content type, and a body over the limit.
+	code, out = s.postRaw("/attest/v1/start", tok, "text/plain", []byte("{}"))
+	expect("content type", code, out, 415, "content-type")
+	code, out = s.postRaw("/attest/v1/start", tok, "application/json", bytes.Repeat([]byte(" "), MaxBody+1))
+	expect("oversized body", code, out, 413, "too-large")
+	// Too many sessions open at once.
+	s.h.MaxSessions = 1
+	code, _ = s.post("/attest/v1/start", tok, StartRequest{ID: "tpm-0008", EKPublic: v.ek.Public, AKPublic: v.ak.Public})
+	if code != 200 {
+		t.Fatalf("first session: %d", code)
+	}
+	code, out = s.post("/attest/v1/start", tok, StartRequest{ID: "tpm-0009", EKPublic: v.ek.Public, AKPublic: v.ak.Public})
+	expect("too many sessions", code, out, 503, "busy")
+	s.h.MaxSessions = 0
 	code, out = s.post("/attest/v1/start", tok, map[string]any{"id": "tpm-0006", "surprise": 1})
 	expect("unknown field", code, out, 400, "bad-json")
 	code, out = s.post("/attest/v1/start", tok, StartRequest{ID: "other-1", EKPublic: v.ek.Public, AKPublic: v.ak.Public})
