@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -14,7 +13,6 @@ import (
 	"math/big"
 	"net"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,7 +20,6 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"fleetkey.dev/certs/identity"
-	"fleetkey.dev/certs/trust"
 	"fleetkey.dev/sessionkey"
 )
 
@@ -73,18 +70,17 @@ type Agent struct {
 	cfg    Config
 	id     string
 	log    *slog.Logger
-	ring   *sessionkey.Keyring
+	dev    *Device
 	outbox *Outbox
 	disk   *diskLog
 
-	mu        sync.Mutex
-	creds     *Credentials
-	status    Status
-	renewed   chan struct{} // closed when a renewal asks for a new connection
-	lastCmdID uint64
+	mu      sync.Mutex
+	creds   *Credentials
+	status  Status
+	renewed chan struct{} // closed when a renewal asks for a new connection
 
 	acked atomic.Int64
-	stats Stats
+	stats *Stats
 }
 
 // Stats counts what the agent saw.
@@ -145,7 +141,15 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a.id, a.creds = id, creds
 	a.log = cfg.Log.With("device", id)
-	a.ring = sessionkey.NewKeyring(false, cfg.Rotation, cfg.Now)
+	a.dev = NewDevice(id, DeviceOptions{Suite: cfg.Suite, Rotation: cfg.Rotation, StepTimeout: cfg.StepTimeout, Backoff: a.backoff,
+		OnCommand: cfg.OnCommand, Log: a.log, Now: cfg.Now,
+		OnEpoch: func(ep *sessionkey.Epoch) {
+			a.setStatus(func(s *Status) { s.KID, s.EpochStarted = hex.EncodeToString(ep.KID[:]), ep.Started })
+			if cfg.OnEpoch != nil {
+				cfg.OnEpoch(ep.KID)
+			}
+		}})
+	a.stats = a.dev.Stats
 	var pending []Record
 	if cfg.Outbox.Disk && cfg.State != nil {
 		d, p, err := openDiskLog(cfg.State.path(OutboxFile), cfg.Outbox.SyncEvery)
@@ -202,7 +206,7 @@ func (a *Agent) Outbox() *Outbox { return a.outbox }
 func (a *Agent) Acked() int64 { return a.acked.Load() }
 
 // Stats returns the counters.
-func (a *Agent) Stats() *Stats { return &a.stats }
+func (a *Agent) Stats() *Stats { return a.stats }
 
 // Status returns the agent's current status.
 func (a *Agent) Status() Status {
@@ -230,7 +234,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		if a.cfg.Credentials == nil {
 			_ = a.credentials().Close()
 		}
-		a.ring.Wipe()
+		a.dev.Ring.Wipe()
 		if a.disk != nil {
 			_ = a.disk.close()
 		}
@@ -310,23 +314,15 @@ func (a *Agent) credentials() *Credentials {
 func (a *Agent) tlsConfig(c *Credentials) *tls.Config {
 	host, _, _ := net.SplitHostPort(a.cfg.Gateway)
 	cert := c.TLS()
+	verify := VerifyGateway(c.Bundle, a.cfg.Now, x509.ExtKeyUsageServerAuth)
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS12,
 		ServerName:   host,
 		RootCAs:      c.Bundle.RootPool(),
 		Certificates: []tls.Certificate{cert},
 		VerifyConnection: func(cs tls.ConnectionState) error {
-			_, err := c.Bundle.Verify(cs.PeerCertificates, trust.VerifyOptions{Now: a.cfg.Now(), Usage: x509.ExtKeyUsageServerAuth, Roles: []identity.Role{identity.RoleGateway}})
-			return err
+			return verify(cs.PeerCertificates)
 		},
-	}
-}
-
-// verifyGateway is fkx1's check of msg2's credential.
-func (a *Agent) verifyGateway(c *Credentials) sessionkey.PeerVerifier {
-	return func(chain []*x509.Certificate) error {
-		_, err := c.Bundle.Verify(chain, trust.VerifyOptions{Now: a.cfg.Now(), Usage: x509.ExtKeyUsageAny, Roles: []identity.Role{identity.RoleGateway}})
-		return err
 	}
 }
 
@@ -342,12 +338,7 @@ type conn struct {
 	c       paho.Client
 	in      chan paho.Message
 	lost    chan error
-	init    *sessionkey.Initiator
-	fresh   bool // an epoch was established on this connection
-	step    time.Time
-	retryAt time.Time
-	tries   int
-	lastHnt time.Time
+	link    *Link
 	lastSt  time.Time
 	pending []inflight
 }
@@ -386,22 +377,27 @@ func (a *Agent) connection(ctx context.Context) (connected bool, err error) {
 		case <-ctx.Done():
 		}
 	}
-	base := "devices/" + a.id + "/"
-	st := k.c.SubscribeMultiple(map[string]byte{base + "kex/resp": 1, base + "kex/hint": 1, base + "down/+": 1}, handler)
+	subs := map[string]byte{}
+	for _, f := range a.dev.Subscriptions() {
+		subs[f] = 1
+	}
+	st := k.c.SubscribeMultiple(subs, handler)
 	if !waitToken(ctx, st, a.cfg.StepTimeout) || st.Error() != nil {
 		return true, fmt.Errorf("subscribing: %v", st.Error())
 	}
 	a.log.Info("connected", "gateway", a.cfg.Gateway)
 	a.setStatus(func(s *Status) { s.Connected, s.Since, s.LastError = true, a.cfg.Now(), "" })
 	a.outbox.Rewind()
-	init, err := sessionkey.NewInitiator(sessionkey.InitiatorConfig{DeviceID: a.id, Suite: a.cfg.Suite,
-		Identity: sessionkey.Identity{Signer: creds.Signer, Chain: [][]byte{creds.Leaf.Raw}}, VerifyGateway: a.verifyGateway(creds), Now: a.cfg.Now})
+	link, err := a.dev.NewLink(creds, func(topic string, payload []byte) error {
+		k.c.Publish(topic, 1, false, payload)
+		return nil
+	})
 	if err != nil {
 		return true, err
 	}
-	k.init = init
-	defer init.Reset()
-	if err := k.startHandshake(); err != nil {
+	k.link = link
+	defer link.Close()
+	if err := link.Start(); err != nil {
 		return true, err
 	}
 	a.mu.Lock()
@@ -418,7 +414,7 @@ func (a *Agent) connection(ctx context.Context) (connected bool, err error) {
 			headDone = k.pending[0].tok.Done()
 		}
 		var room <-chan struct{}
-		if k.fresh && len(k.pending) < a.cfg.InFlight {
+		if k.link.Ready() && len(k.pending) < a.cfg.InFlight {
 			room = a.outbox.Changed()
 		}
 		select {
@@ -429,7 +425,10 @@ func (a *Agent) connection(ctx context.Context) (connected bool, err error) {
 		case <-renewed:
 			return true, errors.New("certificate renewed; reconnecting with it")
 		case m := <-k.in:
-			if err := k.handle(m); err != nil {
+			if m.Retained() {
+				continue // a receiver ignores retained messages (FKX1.md)
+			}
+			if err := k.link.Handle(m.Topic(), m.Payload()); err != nil {
 				return true, err
 			}
 		case <-headDone:
@@ -466,7 +465,7 @@ func waitToken(ctx context.Context, t paho.Token, d time.Duration) bool {
 // Data waits for an epoch made on this connection: after a reconnect the
 // gateway may have restarted and lost the older keys.
 func (k *conn) fill() error {
-	if !k.fresh {
+	if !k.link.Ready() {
 		return nil
 	}
 	for len(k.pending) < k.a.cfg.InFlight {
@@ -474,159 +473,27 @@ func (k *conn) fill() error {
 		if !ok {
 			return nil
 		}
-		pt := make([]byte, 16, 16+len(r.Body))
-		binary.BigEndian.PutUint64(pt, r.ID)
-		binary.BigEndian.PutUint64(pt[8:], r.UnixMS)
-		env, _, err := k.a.ring.Seal(r.Channel, append(pt, r.Body...))
+		env, err := k.link.Seal(r.Channel, r.ID, r.UnixMS, r.Body)
 		if errors.Is(err, sessionkey.ErrNeedEpoch) {
-			// The epoch is spent: the record waits for the next one.
-			k.a.outbox.Unnext()
-			if !k.init.Waiting() {
-				return k.startHandshake()
-			}
+			k.a.outbox.Unnext() // the epoch is spent: the record waits for the next one
 			return nil
 		}
 		if err != nil {
 			return fmt.Errorf("sealing record %d: %w", r.ID, err)
 		}
-		tok := k.c.Publish("devices/"+k.a.id+"/up/"+r.Channel, 1, false, env)
+		tok := k.c.Publish(k.a.dev.Topic("up/"+r.Channel), 1, false, env)
 		k.pending = append(k.pending, inflight{id: r.ID, tok: tok})
 	}
 	return nil
 }
 
-// startHandshake sends a fresh msg1.
-func (k *conn) startHandshake() error {
-	m1, err := k.init.Start()
-	if err != nil {
-		return err
-	}
-	k.step = k.a.cfg.Now()
-	k.retryAt = time.Time{}
-	k.c.Publish("devices/"+k.a.id+"/kex/req", 1, false, m1)
-	return nil
-}
-
-// handle processes one message from the gateway.
-func (k *conn) handle(m paho.Message) error {
-	if m.Retained() {
-		return nil // a receiver ignores retained messages (FKX1.md)
-	}
-	topic := m.Topic()
-	base := "devices/" + k.a.id + "/"
-	switch {
-	case topic == base+"kex/resp":
-		return k.kexResp(m.Payload())
-	case topic == base+"kex/hint":
-		kid, err := sessionkey.ParseHint(m.Payload())
-		if err != nil {
-			return nil
-		}
-		k.a.stats.Hints.Add(1)
-		now := k.a.cfg.Now()
-		if k.init.Waiting() || (!k.lastHnt.IsZero() && now.Sub(k.lastHnt) < time.Minute) {
-			return nil
-		}
-		k.lastHnt = now
-		k.a.log.Info("gateway hinted for a new handshake", "kid", hex.EncodeToString(kid[:]))
-		return k.startHandshake()
-	case strings.HasPrefix(topic, base+"down/"):
-		k.command(topic[len(base+"down/"):], m.Payload())
-	}
-	return nil
-}
-
-func (k *conn) kexResp(b []byte) error {
-	switch {
-	case !k.init.Waiting():
-		return nil
-	case k.init.Msg3() == nil:
-		m3, err := k.init.HandleMsg2(b, nil)
-		if err != nil {
-			k.a.stats.KexRefused.Add(1)
-			k.a.log.Warn("msg2 refused", "reason", sessionkey.Reason(err), "err", err)
-			return nil
-		}
-		k.step = k.a.cfg.Now()
-		k.c.Publish("devices/"+k.a.id+"/kex/req", 1, false, m3)
-	default:
-		if len(b) != 22 {
-			return nil // waiting for msg4: only an exact envelope of 22 bytes
-		}
-		ep, err := k.init.HandleMsg4(b, k.a.ring.Live)
-		if errors.Is(err, sessionkey.ErrKIDCollision) {
-			return k.startHandshake()
-		}
-		if err != nil {
-			k.a.stats.KexRefused.Add(1)
-			k.a.log.Warn("msg4 refused", "reason", sessionkey.Reason(err), "err", err)
-			return nil
-		}
-		k.a.ring.Add(ep)
-		k.fresh, k.tries = true, 0
-		k.a.stats.Handshakes.Add(1)
-		k.a.log.Debug("new epoch", "kid", hex.EncodeToString(ep.KID[:]))
-		k.a.setStatus(func(s *Status) { s.KID, s.EpochStarted = hex.EncodeToString(ep.KID[:]), ep.Started })
-		if k.a.cfg.OnEpoch != nil {
-			k.a.cfg.OnEpoch(ep.KID)
-		}
-	}
-	return nil
-}
-
-// command opens and hands on a command.
-func (k *conn) command(channel string, env []byte) {
-	if channel == sessionkey.KexChannel {
-		k.a.stats.CommandsRefused.Add(1)
-		return
-	}
-	pt, _, err := k.a.ring.Open(env, channel)
-	if err == nil && len(pt) < 16 {
-		err = errors.New("short command")
-	}
-	if err != nil {
-		k.a.stats.CommandsRefused.Add(1)
-		k.a.log.Warn("command refused", "channel", channel, "reason", sessionkey.Reason(err))
-		return
-	}
-	cmd := Command{Channel: channel, ID: binary.BigEndian.Uint64(pt), UnixMS: binary.BigEndian.Uint64(pt[8:]), Body: pt[16:]}
-	k.a.mu.Lock()
-	dup := cmd.ID <= k.a.lastCmdID
-	if !dup {
-		k.a.lastCmdID = cmd.ID
-	}
-	k.a.mu.Unlock()
-	if dup {
-		return
-	}
-	k.a.stats.Commands.Add(1)
-	if k.a.cfg.OnCommand != nil {
-		k.a.cfg.OnCommand(cmd)
-	}
-}
-
-// tick applies the clock: the key ring's ratchet and epoch policy, and
-// the handshake's step timeout and retry.
+// tick applies the clock to the link, and refreshes the status file.
 func (k *conn) tick() error {
-	now := k.a.cfg.Now()
-	due := k.a.ring.Tick()
-	if now.Sub(k.lastSt) >= 5*time.Second {
+	if now := k.a.cfg.Now(); now.Sub(k.lastSt) >= 5*time.Second {
 		k.lastSt = now
 		k.a.setStatus(func(*Status) {})
 	}
-	switch {
-	case k.init.Waiting() && now.Sub(k.step) >= k.a.cfg.StepTimeout:
-		k.init.Reset()
-		k.a.stats.HandshakeFailures.Add(1)
-		k.tries++
-		k.retryAt = now.Add(k.a.backoff(k.tries - 1))
-		k.a.log.Info("handshake timed out; retrying", "in", k.retryAt.Sub(now).Round(time.Millisecond))
-	case !k.init.Waiting() && !k.retryAt.IsZero() && !now.Before(k.retryAt):
-		return k.startHandshake()
-	case !k.init.Waiting() && k.retryAt.IsZero() && due && k.fresh:
-		return k.startHandshake()
-	}
-	return nil
+	return k.link.Tick()
 }
 
 // renewTime is when to renew leaf: at fraction at of its lifetime, plus a
