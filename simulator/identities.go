@@ -79,3 +79,10 @@ func (f *Fleet) Mint(n int) ([]*agent.Credentials, error) {
 }
 
 func deviceID(i int) string { return fmt.Sprintf("sim-%05d", i) }
+
+// Issuer is the fleet's issuing CA, for attacks that need identities of
+// their own.
+func (f *Fleet) Issuer() *authority.Issuer { return f.issuer }
+
+// Bundle is the fleet's trust bundle.
+func (f *Fleet) Bundle() *trust.Bundle { return f.bundle }

@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"fleetkey.dev/certs/pkidir"
@@ -34,14 +35,17 @@ type Stack struct {
 	// address; Sink the gateway's telemetry file.
 	Provisioning, Gateway, Sink string
 	// RootCAs authenticate both.
-	RootCAs  *x509.CertPool
-	admin    tls.Certificate
-	log      *slog.Logger
-	ctx      context.Context
-	cancel   context.CancelFunc // provisioning
-	cancelGW context.CancelFunc
-	done     chan error
-	gwDone   chan error
+	RootCAs   *x509.CertPool
+	admin     tls.Certificate
+	log       *slog.Logger
+	ctx       context.Context
+	cancel    context.CancelFunc // provisioning
+	cancelGW  context.CancelFunc
+	done      chan error
+	gwDone    chan error
+	mu        sync.Mutex
+	gw        *gwserver.Gateway
+	adminHTTP *http.Client
 }
 
 // StartLocal makes a PKI in dir and starts provisioning and the gateway
@@ -98,6 +102,9 @@ func (s *Stack) startGateway(ln net.Listener) error {
 		ln.Close()
 		return fmt.Errorf("gateway: %w", err)
 	}
+	s.mu.Lock()
+	s.gw = gw
+	s.mu.Unlock()
 	var gctx context.Context
 	gctx, s.cancelGW = context.WithCancel(s.ctx)
 	done := make(chan error, 1)
@@ -144,23 +151,58 @@ func (s *Stack) Stop() error {
 	return errors.Join(errs...)
 }
 
-// Token creates an enrollment token through the admin API (admin mTLS).
-func (s *Stack) Token(ctx context.Context, prefix string, uses int) (string, error) {
-	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: s.RootCAs, Certificates: []tls.Certificate{s.admin}}}}
-	body, _ := json.Marshal(map[string]any{"prefix": prefix, "max_uses": uses, "expires_in": "2h"})
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.Provisioning+"/admin/v1/tokens", bytes.NewReader(body))
+// admin calls the provisioning admin API (admin mTLS) and returns the
+// answer's body.
+func (s *Stack) adminCall(ctx context.Context, path string, in any, what string) ([]byte, error) {
+	s.mu.Lock()
+	if s.adminHTTP == nil {
+		s.adminHTTP = &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: s.RootCAs, Certificates: []tls.Certificate{s.admin}}}}
+	}
+	c := s.adminHTTP
+	s.mu.Unlock()
+	body, _ := json.Marshal(in)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.Provisioning+path, bytes.NewReader(body))
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := c.Do(req)
 	if err != nil {
-		return "", err
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	defer resp.Body.Close()
 	data, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusCreated {
-		return "", fmt.Errorf("creating a token: %s: %s", resp.Status, strings.TrimSpace(string(data)))
+		return nil, fmt.Errorf("%s: %s: %s", what, resp.Status, strings.TrimSpace(string(data)))
+	}
+	return data, nil
+}
+
+// Revoke revokes device id's certificates through the admin API; the
+// gateway hears of it on the revocation feed.
+func (s *Stack) Revoke(ctx context.Context, id string) error {
+	_, err := s.adminCall(ctx, "/admin/v1/devices/"+id+"/revoke", map[string]string{"reason": "keyCompromise"}, "revoking "+id)
+	return err
+}
+
+// Refusals are the current gateway's refusal counts by stage and reason.
+func (s *Stack) Refusals() map[[2]string]int64 {
+	s.mu.Lock()
+	gw := s.gw
+	s.mu.Unlock()
+	return gw.Broker().Stats().Refusals()
+}
+
+// Service is the fleet's service credential, for a run's receiver.
+func (s *Stack) Service() (tls.Certificate, error) {
+	return tls.LoadX509KeyPair(filepath.Join(s.PKI, "service.crt"), filepath.Join(s.PKI, "service.key"))
+}
+
+// Token creates an enrollment token through the admin API (admin mTLS).
+func (s *Stack) Token(ctx context.Context, prefix string, uses int) (string, error) {
+	data, err := s.adminCall(ctx, "/admin/v1/tokens", map[string]any{"prefix": prefix, "max_uses": uses, "expires_in": "2h"}, "creating a token")
+	if err != nil {
+		return "", err
 	}
 	var out struct {
 		Token string `json:"token"`

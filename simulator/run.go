@@ -3,20 +3,21 @@ package simulator
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"fleetkey.dev/certs/trust"
 	"fleetkey.dev/device-agent/agent"
 	"fleetkey.dev/sessionkey"
+	"fleetkey.dev/simulator/peers"
 )
 
 // RunConfig is one simulated fleet run.
@@ -42,8 +43,27 @@ type RunConfig struct {
 	RootCAs               *x509.CertPool
 	Token                 string
 	// Sink, if set, is the gateway's telemetry file: the run checks that
-	// every acknowledged record is in it exactly once.
+	// every record published is in it exactly once.
 	Sink string
+	// Target: TargetFleetkey (default) or TargetMQTT.
+	Target Target
+	// Bundle authenticates the gateway as the fleet's (TargetFleetkey).
+	Bundle *trust.Bundle
+	// AtMostOnce sends telemetry at QoS 0 (default QoS 1). Channel:
+	// default "telemetry".
+	AtMostOnce bool
+	Channel    string
+	// Service, if set, is a service credential: the run subscribes to the
+	// records it delivers (end-to-end latency, loss at the receiver) and
+	// sends commands with it.
+	Service *tls.Certificate
+	// CommandRate is commands per second the service sends to connected
+	// devices, in all (TargetFleetkey).
+	CommandRate float64
+	// Attacks run against the stack during the run, one after another,
+	// with what they need from it.
+	Attacks   []Attack
+	AttackEnv AttackEnv
 	// Dir holds the devices' state directories.
 	Dir string
 	// Identities, if set (one per device, from Fleet.Mint), replace
@@ -56,45 +76,52 @@ type RunConfig struct {
 	Log      *slog.Logger
 }
 
-// Fault is something done to the system in the middle of a run.
-type Fault struct {
-	Name string
-	At   time.Duration
-	Do   func() error
-}
-
-// Summary is what a run measured. Latencies are from each device's
+// Summary is what a run measured. Latencies are from each operation's
 // intended start, so time spent waiting to be served counts.
 type Summary struct {
-	Devices     int     `json:"devices"`
-	Enrolled    int     `json:"enrolled"`
-	Connected   int     `json:"connected"`
-	Handshakes  int64   `json:"handshakes"`
-	Published   int64   `json:"published"`
-	Acked       int64   `json:"acked"`
-	InSink      int64   `json:"in_sink"`
-	Lost        int64   `json:"lost"`
-	Duplicated  int64   `json:"duplicated"`
+	Target     Target `json:"target"`
+	Devices    int    `json:"devices"`
+	Enrolled   int    `json:"enrolled"`
+	Connected  int    `json:"connected"`
+	Connects   int64  `json:"connects"`
+	Handshakes int64  `json:"handshakes"`
+	Published  int64  `json:"published"`
+	Acked      int64  `json:"acked"`
+	Received   int64  `json:"received"`
+	InSink     int64  `json:"in_sink"`
+	Lost       int64  `json:"lost"`
+	Duplicated int64  `json:"duplicated"`
+	Commands   int64  `json:"commands"`
+	// Enroll and ready (the first fkx1 epoch, or CONNACK for TargetMQTT)
+	// p50 and p99, kept from the first version of the summary.
 	EnrollP50MS float64 `json:"enroll_p50_ms"`
 	EnrollP99MS float64 `json:"enroll_p99_ms"`
-	// ReadyP50/P99: from intended start to the first fkx1 epoch
-	// (enrollment, TLS, CONNECT, handshake).
-	ReadyP50MS float64  `json:"ready_p50_ms"`
-	ReadyP99MS float64  `json:"ready_p99_ms"`
-	Errors     []string `json:"errors,omitempty"`
-	Faults     []string `json:"faults,omitempty"`
-	Seconds    float64  `json:"seconds"`
+	ReadyP50MS  float64 `json:"ready_p50_ms"`
+	ReadyP99MS  float64 `json:"ready_p99_ms"`
+	// ConnectsPerS is devices made ready per second while they arrived;
+	// MessagesPerS records acknowledged (QoS 1) or sent (QoS 0) per second
+	// in the telemetry phase.
+	ConnectsPerS float64               `json:"connects_per_s"`
+	MessagesPerS float64               `json:"messages_per_s"`
+	Phases       map[string]PhaseStats `json:"phases"`
+	Errors       map[string]int64      `json:"errors,omitempty"`
+	Attacks      []AttackResult        `json:"attacks,omitempty"`
+	Faults       []string              `json:"faults,omitempty"`
+	// The generator's self-check: a run is invalid when the simulator
+	// itself fell behind.
+	Valid          bool      `json:"valid"`
+	Invalid        []string  `json:"invalid,omitempty"`
+	RSSPeakMB      float64   `json:"sim_rss_peak_mb"`
+	RSSPerDeviceKB float64   `json:"sim_rss_per_device_kb"`
+	Series         Series    `json:"series"`
+	Seconds        float64   `json:"seconds"`
+	Started        time.Time `json:"started"`
+	// Problems are the run's failures as sentences (loss, duplicates,
+	// devices never connected, attacks let in).
+	Problems []string `json:"problems,omitempty"`
 }
 
-type deviceRun struct {
-	id       string
-	enrolled time.Duration
-	ready    time.Duration
-	agent    *agent.Agent
-	err      error
-}
-
-// Run enrolls and runs the fleet and returns its summary.
+// Run runs the fleet and returns its summary.
 func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 	if cfg.Devices <= 0 || cfg.Rate <= 0 || cfg.Interval <= 0 {
 		return nil, fmt.Errorf("devices, rate and interval must be positive")
@@ -102,176 +129,197 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 	if cfg.Identities != nil && len(cfg.Identities) != cfg.Devices {
 		return nil, fmt.Errorf("%d identities for %d devices", len(cfg.Identities), cfg.Devices)
 	}
+	switch cfg.Target {
+	case "":
+		cfg.Target = TargetFleetkey
+	case TargetFleetkey, TargetMQTT:
+	default:
+		return nil, fmt.Errorf("target %q: fleetkey or mqtt", cfg.Target)
+	}
+	if cfg.Channel == "" {
+		cfg.Channel = "telemetry"
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
+	if len(cfg.Identities) > 0 && cfg.Identities[0].Bundle != nil {
+		if cfg.Bundle == nil {
+			cfg.Bundle = cfg.Identities[0].Bundle
+		}
+		if cfg.RootCAs == nil {
+			cfg.RootCAs = cfg.Bundle.RootPool()
+		}
+	}
+	rss0, _ := peers.RSS(os.Getpid())
 	start := time.Now()
-	runs := make([]*deviceRun, cfg.Devices)
-	var published, enrolled, ready atomic.Int64
+	m := newMeter(start)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	sched := cfg.Schedule
 	if sched == nil {
 		sched, _ = ParseSchedule("constant", cfg.Rate)
 	}
-	var slots chan struct{}
-	if cfg.MaxHandshakes > 0 {
-		slots = make(chan struct{}, cfg.MaxHandshakes)
+	f, err := newFleet(ctx, &cfg, m, start)
+	if err != nil {
+		return nil, err
 	}
-	stopPub := start.Add(sched(cfg.Devices-1) + cfg.Duration)
-	var wg sync.WaitGroup
-	agentsDone := make(chan struct{})
-	var agentWG sync.WaitGroup
-	progress := time.NewTicker(time.Second)
-	defer progress.Stop()
-	go func() {
+	arrived := start.Add(sched(cfg.Devices - 1))
+	f.stopPub = arrived.Add(cfg.Duration)
+	var recv *receiver
+	if cfg.Service != nil {
+		if recv, err = startReceiver(ctx, &cfg, m); err != nil {
+			return nil, err
+		}
+		defer recv.stop()
+	}
+	f.devs = make([]*vdev, cfg.Devices)
+	for i := range f.devs {
+		v := &vdev{f: f, idx: i, id: deviceID(i)}
+		if cfg.Identities != nil {
+			v.creds = cfg.Identities[i]
+		}
+		if cfg.Target == TargetFleetkey {
+			v.dev = agent.NewDevice(v.id, agent.DeviceOptions{Suite: cfg.Suite, Rotation: cfg.Rotation, OnEpoch: v.onEpoch, OnCommand: v.onCommand})
+		}
+		f.devs[i] = v
+	}
+	var timers []*time.Timer
+	for i, v := range f.devs {
+		intended := start.Add(sched(i))
+		timers = append(timers, time.AfterFunc(time.Until(intended), func() { v.start(intended) }))
+	}
+	var sampler sync.WaitGroup
+	samplerDone := make(chan struct{})
+	var rssPeak atomic.Int64
+	sampler.Go(func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		cpu := newCPUMeter()
 		for {
 			select {
-			case <-agentsDone:
+			case <-samplerDone:
 				return
-			case <-progress.C:
+			case now := <-t.C:
+				box, self := cpu.sample()
+				m.sample(now, box)
+				m.selfCPU = append(m.selfCPU, self)
+				if r, err := peers.RSS(os.Getpid()); err == nil && r > rssPeak.Load() {
+					rssPeak.Store(r)
+				}
 				if cfg.Progress != nil {
-					fmt.Fprintf(cfg.Progress, "\r%5.0fs  enrolled %d/%d  ready %d  published %d", time.Since(start).Seconds(), enrolled.Load(), cfg.Devices, ready.Load(), published.Load())
+					fmt.Fprintf(cfg.Progress, "\r%5.0fs  connected %d/%d  published %d  acked %d  received %d  errors %d   ", now.Sub(start).Seconds(),
+						m.connected.Load(), cfg.Devices, m.published.Load(), m.acked.Load(), m.received.Load(), sumCounts(m.errorCounts()))
 				}
 			}
 		}
-	}()
-	var faultMu sync.Mutex
-	var faultLog []string
-	for _, f := range cfg.Faults {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if !sleepUntil(ctx, start.Add(f.At)) {
-				return
-			}
-			err := f.Do()
-			faultMu.Lock()
-			defer faultMu.Unlock()
-			if err != nil {
-				faultLog = append(faultLog, fmt.Sprintf("%s at %s: failed: %v", f.Name, f.At, err))
-			} else {
-				faultLog = append(faultLog, fmt.Sprintf("%s at %s", f.Name, f.At))
-			}
-		}()
+	})
+	faults := runFaults(ctx, &cfg, f, start)
+	attacks := runAttacks(ctx, &cfg, f, start, recv)
+	sleepUntil(ctx, f.stopPub)
+	// Drain: every record acknowledged (QoS 1) and received, within 30 s.
+	drain := time.NewTimer(30 * time.Second)
+	poll := time.NewTicker(100 * time.Millisecond)
+	for done := false; !done; {
+		select {
+		case <-ctx.Done():
+			done = true
+		case <-drain.C:
+			done = true
+		case <-poll.C:
+			done = (cfg.AtMostOnce || m.acked.Load() >= m.published.Load()) && (recv == nil || m.received.Load() >= m.acked.Load())
+		}
 	}
-	for i := range runs {
-		intended := start.Add(sched(i))
-		r := &deviceRun{id: deviceID(i)}
-		runs[i] = r
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if !sleepUntil(ctx, intended) {
-				return
-			}
-			var release func()
-			if slots != nil {
-				select {
-				case slots <- struct{}{}:
-				case <-ctx.Done():
-					return
-				}
-				var once sync.Once
-				release = func() { once.Do(func() { <-slots }) }
-				defer release()
-			}
-			ac := agent.Config{Gateway: cfg.Gateway, Suite: cfg.Suite, Rotation: cfg.Rotation, Log: cfg.Log.With("device", r.id)}
-			if cfg.Identities != nil {
-				ac.Credentials, ac.DeviceID = cfg.Identities[i], r.id
-			} else {
-				st := &agent.State{Dir: filepath.Join(cfg.Dir, r.id)}
-				if _, err := st.Enroll(ctx, agent.EnrollOptions{Provisioning: cfg.Provisioning, RootCAs: cfg.RootCAs, Token: cfg.Token, ID: r.id}); err != nil {
-					r.err = fmt.Errorf("enroll %s: %w", r.id, err)
-					return
-				}
-				ac.State = st
-			}
-			r.enrolled = time.Since(intended)
-			enrolled.Add(1)
-			var once sync.Once
-			ac.OnEpoch = func(sessionkey.KID) {
-				once.Do(func() {
-					r.ready = time.Since(intended)
-					ready.Add(1)
-					if release != nil {
-						release()
-					}
-				})
-			}
-			a, err := agent.New(ac)
-			if err != nil {
-				r.err = err
-				return
-			}
-			r.agent = a
-			agentWG.Add(1)
-			go func() { defer agentWG.Done(); _ = a.Run(ctx) }()
-			body := make([]byte, cfg.Payload)
-			t := time.NewTicker(cfg.Interval)
-			defer t.Stop()
-			for time.Now().Before(stopPub) {
-				select {
-				case <-ctx.Done():
-					return
-				case <-t.C:
-				}
-				copy(body, fmt.Sprintf(`{"n":%d}`, published.Load()))
-				if _, err := a.Publish(ctx, "telemetry", body); err != nil {
-					r.err = err
-					return
-				}
-				published.Add(1)
-			}
-			// Drain: wait until the gateway has acknowledged everything.
-			deadline := time.NewTimer(30 * time.Second)
-			defer deadline.Stop()
-			for a.Outbox().Len() > 0 {
-				select {
-				case <-a.Outbox().Changed():
-				case <-deadline.C:
-					r.err = fmt.Errorf("%s: %d records not acknowledged 30 s after the run", r.id, a.Outbox().Len())
-					return
-				case <-ctx.Done():
-					return
-				}
-			}
-		}()
+	drain.Stop()
+	poll.Stop()
+	for _, t := range timers {
+		t.Stop()
 	}
-	wg.Wait()
+	unacked := 0
+	for _, v := range f.devs {
+		unacked += v.unacked()
+		v.stop()
+	}
 	cancel()
-	agentWG.Wait()
-	close(agentsDone)
+	f.close()
+	close(samplerDone)
+	sampler.Wait()
 	if cfg.Progress != nil {
 		fmt.Fprintln(cfg.Progress)
 	}
-	sum := &Summary{Devices: cfg.Devices, Published: published.Load(), Seconds: time.Since(start).Seconds(), Faults: faultLog}
-	var enrolls, readies []time.Duration
-	for _, r := range runs {
-		if r.err != nil {
-			sum.Errors = append(sum.Errors, r.err.Error())
-		}
-		if r.enrolled > 0 {
-			sum.Enrolled++
-			enrolls = append(enrolls, r.enrolled)
-		}
-		if r.ready > 0 {
+	sum := &Summary{Target: cfg.Target, Devices: cfg.Devices, Started: start, Seconds: time.Since(start).Seconds(),
+		Connects: m.connects.Load(), Handshakes: m.handshakes.Load(), Published: m.published.Load(), Acked: m.acked.Load(),
+		Received: m.received.Load(), Commands: m.commands.Load(), Faults: faults.wait(), Attacks: attacks.wait(),
+		Phases: m.stats(), Errors: m.errorCounts(), Series: m.seriesCopy()}
+	if e, ok := sum.Phases[PhaseEnroll]; ok {
+		sum.Enrolled = int(e.Count)
+		sum.EnrollP50MS, sum.EnrollP99MS = e.P50MS, e.P99MS
+	}
+	if cfg.Identities != nil {
+		sum.Enrolled = cfg.Devices
+	}
+	readyPhase := PhaseFKX1
+	if cfg.Target == TargetMQTT {
+		readyPhase = PhaseConnack
+	}
+	for _, v := range f.devs {
+		v.mu.Lock()
+		if v.firstAck || v.everReady {
 			sum.Connected++
-			readies = append(readies, r.ready)
 		}
-		if r.agent != nil {
-			sum.Acked += r.agent.Acked()
-			sum.Handshakes += r.agent.Stats().Handshakes.Load()
+		v.mu.Unlock()
+	}
+	if r, ok := sum.Phases[readyPhase]; ok {
+		sum.ReadyP50MS, sum.ReadyP99MS = r.P50MS, r.P99MS
+	}
+	if d := arrived.Sub(start).Seconds(); d > 0 {
+		sum.ConnectsPerS = float64(sum.Connected) / max(d, 1)
+	}
+	if cfg.Duration > 0 {
+		n := sum.Acked
+		if cfg.AtMostOnce {
+			n = sum.Published
+		}
+		sum.MessagesPerS = float64(n) / cfg.Duration.Seconds()
+	}
+	sum.RSSPeakMB = float64(rssPeak.Load()) / (1 << 20)
+	sum.RSSPerDeviceKB = float64(max(rssPeak.Load()-rss0, 0)) / 1024 / float64(cfg.Devices)
+	m.judge(sum)
+	if recv != nil {
+		sum.Duplicated += recv.duplicates()
+		if cfg.Sink == "" && !cfg.AtMostOnce {
+			sum.Lost = max(sum.Published-sum.Received, 0)
 		}
 	}
-	sum.EnrollP50MS, sum.EnrollP99MS = percentile(enrolls, 50), percentile(enrolls, 99)
-	sum.ReadyP50MS, sum.ReadyP99MS = percentile(readies, 50), percentile(readies, 99)
 	if cfg.Sink != "" {
-		if err := checkSink(cfg.Sink, sum); err != nil {
+		if err := checkSink(cfg.Sink, f.recBase, sum); err != nil {
 			return sum, err
 		}
 	}
+	if unacked > 0 && !cfg.AtMostOnce {
+		sum.Problems = append(sum.Problems, fmt.Sprintf("%d records not acknowledged 30 s after the run", unacked))
+	}
+	if sum.Lost > 0 {
+		sum.Problems = append(sum.Problems, fmt.Sprintf("%d records lost", sum.Lost))
+	}
+	if sum.Duplicated > 0 {
+		sum.Problems = append(sum.Problems, fmt.Sprintf("%d records duplicated", sum.Duplicated))
+	}
+	if sum.Connected < sum.Devices {
+		sum.Problems = append(sum.Problems, fmt.Sprintf("%d devices never became ready", sum.Devices-sum.Connected))
+	}
+	for _, a := range sum.Attacks {
+		if !a.OK {
+			sum.Problems = append(sum.Problems, fmt.Sprintf("attack %q: %s", a.Name, a.Verdict))
+		}
+	}
 	return sum, nil
+}
+
+func sumCounts(m map[string]int64) (n int64) {
+	for _, v := range m {
+		n += v
+	}
+	return n
 }
 
 func sleepUntil(ctx context.Context, t time.Time) bool {
@@ -289,18 +337,9 @@ func sleepUntil(ctx context.Context, t time.Time) bool {
 	}
 }
 
-func percentile(ds []time.Duration, p int) float64 {
-	if len(ds) == 0 {
-		return 0
-	}
-	slices.Sort(ds)
-	i := (len(ds)*p + 99) / 100
-	return float64(ds[max(i-1, 0)].Microseconds()) / 1000
-}
-
-// checkSink counts the sink's records of the simulated devices: each
-// acknowledged record must be there once.
-func checkSink(path string, sum *Summary) error {
+// checkSink counts the sink's records of this run's devices (ids from
+// base on): each record published must be there once.
+func checkSink(path string, base uint64, sum *Summary) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
@@ -314,7 +353,7 @@ func checkSink(path string, sum *Summary) error {
 			Device   string `json:"device"`
 			RecordID uint64 `json:"record_id"`
 		}
-		if json.Unmarshal(sc.Bytes(), &l) != nil || len(l.Device) < 4 || l.Device[:4] != "sim-" {
+		if json.Unmarshal(sc.Bytes(), &l) != nil || len(l.Device) < 4 || l.Device[:4] != "sim-" || l.RecordID < base {
 			continue
 		}
 		k := [2]any{l.Device, l.RecordID}

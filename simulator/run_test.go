@@ -1,6 +1,7 @@
 package simulator
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -113,11 +114,11 @@ func TestGatewayRestartMidRun(t *testing.T) {
 	s := localStack(t)
 	ids := mint(t, s, 20)
 	sum, err := Run(t.Context(), RunConfig{Devices: 20, Rate: 100, Duration: 4 * time.Second, Interval: 100 * time.Millisecond,
-		Gateway: s.Gateway, Sink: s.Sink, Identities: ids, Faults: []Fault{{Name: "gateway-restart", At: 1500 * time.Millisecond, Do: s.RestartGateway}}})
+		Gateway: s.Gateway, Sink: s.Sink, Identities: ids, Faults: []Fault{{Name: "gateway-restart", At: 1500 * time.Millisecond, Do: func(context.Context, *FleetControl) (string, error) { return "", s.RestartGateway() }}}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(sum.Faults) != 1 || sum.Lost != 0 || sum.Duplicated != 0 || sum.InSink != sum.Published || len(sum.Errors) > 0 {
+	if len(sum.Faults) != 1 || sum.Lost != 0 || sum.Duplicated != 0 || sum.InSink != sum.Published || len(sum.Problems) > 0 {
 		t.Fatalf("summary: %+v", sum)
 	}
 	if sum.Handshakes < 40 {

@@ -2,6 +2,7 @@ package simulator
 
 import (
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -18,21 +19,66 @@ type SLO struct {
 
 // sloMetrics are what an SLO may name, read off a Summary.
 var sloMetrics = map[string]func(*Summary) float64{
-	"enroll_p50": func(s *Summary) float64 { return s.EnrollP50MS },
-	"enroll_p99": func(s *Summary) float64 { return s.EnrollP99MS },
-	"ready_p50":  func(s *Summary) float64 { return s.ReadyP50MS },
-	"ready_p99":  func(s *Summary) float64 { return s.ReadyP99MS },
-	"loss":       func(s *Summary) float64 { return float64(s.Lost) },
-	"duplicates": func(s *Summary) float64 { return float64(s.Duplicated) },
-	"errors":     func(s *Summary) float64 { return float64(len(s.Errors)) },
+	"enroll_p50":  func(s *Summary) float64 { return s.EnrollP50MS },
+	"enroll_p99":  func(s *Summary) float64 { return s.EnrollP99MS },
+	"ready_p50":   func(s *Summary) float64 { return s.ReadyP50MS },
+	"ready_p99":   func(s *Summary) float64 { return s.ReadyP99MS },
+	"loss":        func(s *Summary) float64 { return float64(s.Lost) },
+	"duplicates":  func(s *Summary) float64 { return float64(s.Duplicated) },
+	"connect_p50": func(s *Summary) float64 { return s.ReadyP50MS },
+	"connect_p99": func(s *Summary) float64 { return s.ReadyP99MS },
+	"errors":      func(s *Summary) float64 { return float64(sumCounts(s.Errors)) },
 	"unconnected": func(s *Summary) float64 {
 		return float64(s.Devices - s.Connected)
 	},
+	"leaks": func(s *Summary) float64 {
+		var n int64
+		for _, a := range s.Attacks {
+			n += a.Leaked
+		}
+		return float64(n)
+	},
+	"attacks_failed": func(s *Summary) float64 {
+		n := 0
+		for _, a := range s.Attacks {
+			if !a.OK {
+				n++
+			}
+		}
+		return float64(n)
+	},
+	"invalid": func(s *Summary) float64 {
+		if s.Valid {
+			return 0
+		}
+		return 1
+	},
+	"messages_per_s": func(s *Summary) float64 { return s.MessagesPerS },
+}
+
+func init() {
+	// Every phase's percentiles: tcp_p99, fkx1_p50, e2e_p999, ...
+	for _, p := range phaseOrder {
+		for q, get := range map[string]func(PhaseStats) float64{
+			"_p50": func(ps PhaseStats) float64 { return ps.P50MS }, "_p90": func(ps PhaseStats) float64 { return ps.P90MS },
+			"_p99": func(ps PhaseStats) float64 { return ps.P99MS }, "_p999": func(ps PhaseStats) float64 { return ps.P999MS },
+			"_max": func(ps PhaseStats) float64 { return ps.MaxMS },
+		} {
+			if _, ok := sloMetrics[p+q]; !ok {
+				sloMetrics[p+q] = func(s *Summary) float64 { return get(s.Phases[p]) }
+			}
+		}
+	}
 }
 
 // durationMetrics take a duration ("2s", "150ms") and compare in ms.
 func durationMetric(m string) bool {
-	return strings.HasSuffix(m, "_p50") || strings.HasSuffix(m, "_p99")
+	for _, q := range []string{"_p50", "_p90", "_p99", "_p999", "_max"} {
+		if strings.HasSuffix(m, q) {
+			return true
+		}
+	}
+	return false
 }
 
 // ParseSLOs reads a comma-separated list of objectives.
@@ -56,11 +102,15 @@ func ParseSLOs(spec string) ([]SLO, error) {
 		metric, value, _ := strings.Cut(part, op)
 		metric, value = strings.TrimSpace(metric), strings.TrimSpace(value)
 		if _, ok := sloMetrics[metric]; !ok {
-			names := make([]string, 0, len(sloMetrics))
+			names := []string{}
 			for n := range sloMetrics {
-				names = append(names, n)
+				if !durationMetric(n) || strings.HasPrefix(n, "connect_") || strings.HasPrefix(n, "ready_") || strings.HasPrefix(n, "enroll_") {
+					names = append(names, n)
+				}
 			}
-			return nil, fmt.Errorf("SLO %q: unknown metric %q (known: %s)", part, metric, strings.Join(names, ", "))
+			slices.Sort(names)
+			return nil, fmt.Errorf("SLO %q: unknown metric %q (known: %s, and PHASE_p50|p90|p99|p999|max for the phases %s)", part, metric,
+				strings.Join(names, ", "), strings.Join(phaseOrder, ", "))
 		}
 		var v float64
 		if durationMetric(metric) {
@@ -81,18 +131,33 @@ func ParseSLOs(spec string) ([]SLO, error) {
 	return out, nil
 }
 
-// Check returns the objectives the summary missed, each with what it got.
-func Check(s *Summary, slos []SLO) []string {
-	var missed []string
+// SLOResult is one objective and what the run got.
+type SLOResult struct {
+	Objective, Got string
+	Met            bool
+}
+
+// Evaluate checks every objective against the summary.
+func Evaluate(s *Summary, slos []SLO) []SLOResult {
+	var out []SLOResult
 	for _, o := range slos {
 		got := sloMetrics[o.Metric](s)
 		ok := (o.Op == "<" && got < o.Value) || (o.Op == "<=" && got <= o.Value) || (o.Op == "=" && got == o.Value)
-		if !ok {
-			unit := ""
-			if durationMetric(o.Metric) {
-				unit = " ms"
-			}
-			missed = append(missed, fmt.Sprintf("%s: got %g%s", o.text, got, unit))
+		unit := ""
+		if durationMetric(o.Metric) {
+			unit = " ms"
+		}
+		out = append(out, SLOResult{Objective: o.text, Got: fmt.Sprintf("%g%s", got, unit), Met: ok})
+	}
+	return out
+}
+
+// Check returns the objectives the summary missed, each with what it got.
+func Check(s *Summary, slos []SLO) []string {
+	var missed []string
+	for _, r := range Evaluate(s, slos) {
+		if !r.Met {
+			missed = append(missed, fmt.Sprintf("%s: got %s", r.Objective, r.Got))
 		}
 	}
 	return missed

@@ -14,7 +14,7 @@ func TestSLOs(t *testing.T) {
 	if missed := Check(good, slos); len(missed) != 0 {
 		t.Fatalf("a good run missed %v", missed)
 	}
-	bad := &Summary{Devices: 10, Connected: 9, ReadyP99MS: 2500, Lost: 3, Errors: []string{"a", "b"}}
+	bad := &Summary{Devices: 10, Connected: 9, ReadyP99MS: 2500, Lost: 3, Errors: map[string]int64{"a": 1, "b": 1}}
 	missed := Check(bad, slos)
 	if len(missed) != 4 || !strings.Contains(missed[0], "got 2500 ms") {
 		t.Fatalf("missed %v", missed)

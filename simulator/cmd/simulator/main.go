@@ -7,6 +7,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
@@ -21,6 +22,7 @@ import (
 	"time"
 
 	"fleetkey.dev/certs/trust"
+	"fleetkey.dev/device-agent/agent"
 	"fleetkey.dev/sessionkey"
 	"fleetkey.dev/simulator"
 )
@@ -123,12 +125,14 @@ watch the decrypted telemetry as a service:
 
 func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	scenario := fs.String("scenario", "", "a YAML scenario file: its keys are these flags (flags given on the command line win)")
 	localStack := fs.Bool("local", false, "start the stack in this process first")
 	dir := fs.String("dir", "", "state directory")
 	prov := fs.String("provisioning", "", "provisioning URL")
 	caFile := fs.String("ca", "", "fleet root (PEM)")
 	token := fs.String("token", "", "enrollment token")
 	gw := fs.String("gateway", "", "gateway HOST:PORT")
+	target := fs.String("target", "fleetkey", "fleetkey (mTLS + fkx1) or mqtt (plain mTLS MQTT, for any broker)")
 	devices := fs.Int("devices", 100, "devices")
 	rate := fs.Float64("rate", 50, "devices started per second")
 	schedSpec := fs.String("schedule", "constant", "constant, ramp:D, burst:N/P or poisson")
@@ -136,20 +140,47 @@ func run(ctx context.Context, args []string) error {
 	duration := fs.Duration("duration", 60*time.Second, "telemetry phase")
 	interval := fs.Duration("interval", time.Second, "publish interval")
 	payload := fs.Int("payload", 64, "record body bytes")
+	qos := fs.Int("qos", 1, "telemetry QoS, 0 or 1")
+	channel := fs.String("channel", "telemetry", "telemetry channel")
 	suite := fs.Int("suite", 1, "fkx1 suite")
 	epochEvery := fs.Duration("epoch-every", 0, "new handshake interval")
 	genEvery := fs.Duration("generation-every", 0, "new key generation interval")
-	jsonOut := fs.String("json", "", "write the summary here")
-	idents := fs.String("identities", "enroll", "enroll (EST, through provisioning) or fast (minted from the fleet CA in --pki)")
-	pkiDir := fs.String("pki", "", "the fleet PKI directory, for --identities fast without --local")
+	cmdRate := fs.Float64("command-rate", 0, "commands per second sent by a service to random devices")
+	jsonOut := fs.String("json", "", "write the summary as JSON here")
+	htmlOut := fs.String("report", "", "write the HTML report here (default DIR/report.html)")
+	idents := fs.String("identities", "enroll", "enroll (EST, through provisioning) or fast (minted from the fleet CA in --pki, cached)")
+	pkiDir := fs.String("pki", "", "the fleet PKI directory: --identities fast, attacks, and the service credential without --local")
+	cacheDir := fs.String("identity-cache", "", "where --identities fast keeps what it minted (default the user cache dir)")
+	attackSpec := fs.String("attack", "", "attacks: all, or a list of "+strings.Join(simulator.AttackNames(), ", ")+" (NAME:TRIES)")
+	attackAt := fs.Duration("attack-at", 0, "when attacks start (default a third into the telemetry phase)")
 	var faults []string
-	fs.Func("fault", "a fault drill, e.g. gateway-restart@20s (with --local; repeatable)", func(v string) error { faults = append(faults, v); return nil })
-	sloSpec := fs.String("slo", "", "objectives, e.g. 'ready_p99<2s,loss=0'; the run exits non-zero when one is missed")
+	fs.Func("fault", "a fault drill: gateway-restart@D, churn:P%, storm:P%@D, revoke:N@D (repeatable)", func(v string) error { faults = append(faults, v); return nil })
+	sloSpec := fs.String("slo", "", "objectives, e.g. 'connect_p99<2s,loss=0'; the run exits non-zero when one is missed")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	if *scenario != "" {
+		pre, err := simulator.ScenarioArgs(*scenario)
+		if err != nil {
+			return err
+		}
+		set := map[string]bool{}
+		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		for _, a := range pre {
+			name, value, _ := strings.Cut(strings.TrimPrefix(a, "--"), "=")
+			if set[name] && name != "fault" {
+				continue
+			}
+			if err := fs.Set(name, value); err != nil {
+				return fmt.Errorf("%s: %s: %w", *scenario, name, err)
+			}
+		}
+	}
 	if *suite != 1 && *suite != 2 {
 		return fmt.Errorf("--suite %d: want 1 or 2", *suite)
+	}
+	if *qos != 0 && *qos != 1 {
+		return fmt.Errorf("--qos %d: want 0 or 1", *qos)
 	}
 	sched, err := simulator.ParseSchedule(*schedSpec, *rate)
 	if err != nil {
@@ -168,38 +199,50 @@ func run(ctx context.Context, args []string) error {
 	if *devices < 1 || *devices > 100_000 || *rate <= 0 || *interval <= 0 || *payload < 0 || *payload > 60_000 {
 		return errors.New("--devices 1 to 100000, --rate and --interval positive, --payload 0 to 60000")
 	}
+	if *attackAt == 0 {
+		*attackAt = time.Duration(float64(*devices) / *rate * float64(time.Second)) + *duration/3
+	}
+	attacks, err := simulator.ParseAttacks(*attackSpec, *attackAt)
+	if err != nil {
+		return err
+	}
+	var specs []simulator.FaultSpec
+	for _, f := range faults {
+		fsp, err := simulator.ParseFault(f)
+		if err != nil {
+			return err
+		}
+		specs = append(specs, fsp)
+	}
 	d, err := stateDir(*dir)
 	if err != nil {
 		return err
 	}
 	cfg := simulator.RunConfig{Devices: *devices, Rate: *rate, Schedule: sched, MaxHandshakes: *maxHS, Duration: *duration, Interval: *interval, Payload: *payload,
+		Target: simulator.Target(*target), AtMostOnce: *qos == 0, Channel: *channel, CommandRate: *cmdRate, Attacks: attacks,
 		Suite: sessionkey.Suite(*suite), Rotation: sessionkey.Rotation{EpochEvery: *epochEvery, GenerationEvery: *genEvery}, Dir: filepath.Join(d, "devices"), Progress: os.Stderr}
+	var restart func() error
+	var revoke simulator.Revoker
 	if *localStack {
 		s, err := simulator.StartLocal(ctx, d, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 		if err != nil {
 			return err
 		}
 		defer s.Stop()
-		if cfg.Token, err = s.Token(ctx, "sim-", *devices); err != nil {
+		if cfg.Token, err = s.Token(ctx, "sim-", *devices+1000); err != nil {
 			return err
 		}
 		cfg.Provisioning, cfg.Gateway, cfg.RootCAs, cfg.Sink = s.Provisioning, s.Gateway, s.RootCAs, s.Sink
 		fmt.Fprintf(os.Stderr, "stack up: provisioning %s, gateway %s, state in %s\n", s.Provisioning, s.Gateway, d)
 		*pkiDir = s.PKI
-		for _, f := range faults {
-			name, at, ok := strings.Cut(f, "@")
-			d, err := time.ParseDuration(at)
-			if !ok || err != nil || d < 0 || name != "gateway-restart" {
-				return fmt.Errorf("--fault %q: want gateway-restart@DURATION", f)
-			}
-			cfg.Faults = append(cfg.Faults, simulator.Fault{Name: name, At: d, Do: s.RestartGateway})
-		}
+		restart, revoke = s.RestartGateway, s.Revoke
+		cfg.AttackEnv.Refusals = s.Refusals
 	} else {
-		if len(faults) > 0 {
-			return errors.New("--fault needs --local: the simulator restarts only a gateway it runs")
+		if *gw == "" || *caFile == "" {
+			return errors.New("run needs --local, or --gateway and --ca (and --provisioning and --token to enroll)")
 		}
-		if *prov == "" || *caFile == "" || *token == "" || *gw == "" {
-			return errors.New("run needs --local, or --provisioning, --ca, --token and --gateway")
+		if *idents == "enroll" && (*prov == "" || *token == "") {
+			return errors.New("--identities enroll needs --provisioning and --token (or use --identities fast with --pki)")
 		}
 		pem, err := os.ReadFile(*caFile)
 		if err != nil {
@@ -215,40 +258,86 @@ func run(ctx context.Context, args []string) error {
 		}
 		cfg.Provisioning, cfg.Token, cfg.Gateway = *prov, *token, *gw
 	}
-	if *idents == "fast" {
-		if *pkiDir == "" {
-			return errors.New("--identities fast needs the fleet CA: --local, or --pki DIR")
-		}
-		f, err := simulator.OpenFleet(*pkiDir)
+	for _, fsp := range specs {
+		f, err := fsp.Fault(restart, revoke)
 		if err != nil {
 			return err
 		}
-		start := time.Now()
-		if cfg.Identities, err = f.Mint(*devices); err != nil {
+		cfg.Faults = append(cfg.Faults, f)
+	}
+	if *pkiDir != "" {
+		fleet, err := simulator.OpenFleet(*pkiDir)
+		if err != nil {
 			return err
 		}
-		el := time.Since(start)
-		fmt.Fprintf(os.Stderr, "minted %d identities in %s (%.0f/s)\n", *devices, el.Round(time.Millisecond), float64(*devices)/el.Seconds())
+		cfg.Bundle = fleet.Bundle()
+		cfg.AttackEnv.Issuer = fleet.Issuer()
+		if svc, err := tls.LoadX509KeyPair(filepath.Join(*pkiDir, "service.crt"), filepath.Join(*pkiDir, "service.key")); err == nil {
+			cfg.Service = &svc
+		}
+		if *idents == "fast" {
+			cache := *cacheDir
+			if cache == "" {
+				if uc, err := os.UserCacheDir(); err == nil {
+					cache = filepath.Join(uc, "fleetkey-simulator")
+				} else {
+					cache = filepath.Join(d, "identities")
+				}
+			}
+			start := time.Now()
+			var minted, loaded int
+			if cfg.Identities, minted, loaded, err = fleet.MintCached(cache, *devices); err != nil {
+				return err
+			}
+			el := time.Since(start)
+			fmt.Fprintf(os.Stderr, "identities: %d minted, %d loaded from %s, in %s\n", minted, loaded, cache, el.Round(time.Millisecond))
+		}
+	} else if *idents == "fast" {
+		return errors.New("--identities fast needs the fleet CA: --local, or --pki DIR")
+	}
+	if cfg.Provisioning != "" && cfg.Token != "" {
+		cfg.AttackEnv.Revoke = revoke
+		cfg.AttackEnv.Enroll = func(ctx context.Context, id string) (*agent.Credentials, error) {
+			st := &agent.State{Dir: filepath.Join(d, "attackers", id)}
+			if _, err := st.Enroll(ctx, agent.EnrollOptions{Provisioning: cfg.Provisioning, RootCAs: cfg.RootCAs, Token: cfg.Token, ID: id}); err != nil {
+				return nil, err
+			}
+			return st.LoadCredentials()
+		}
 	}
 	sum, err := simulator.Run(ctx, cfg)
 	if sum != nil {
-		b, _ := json.MarshalIndent(sum, "", "  ")
+		b, _ := json.MarshalIndent(sum.Brief(), "", "  ")
 		fmt.Println(string(b))
 		if *jsonOut != "" {
-			if werr := os.WriteFile(*jsonOut, append(b, '\n'), 0o644); werr != nil {
+			full, _ := json.MarshalIndent(sum, "", "  ")
+			if werr := os.WriteFile(*jsonOut, append(full, '\n'), 0o644); werr != nil {
 				return werr
 			}
 		}
+		path := *htmlOut
+		if path == "" {
+			path = filepath.Join(d, "report.html")
+		}
+		if werr := simulator.WriteReport(path, sum, &cfg, slos); werr != nil {
+			return werr
+		}
+		fmt.Fprintf(os.Stderr, "report: %s\n", path)
 	}
 	if err != nil {
 		return err
 	}
+	var fails []string
 	if missed := simulator.Check(sum, slos); len(missed) > 0 {
-		return fmt.Errorf("SLOs missed: %s", strings.Join(missed, "; "))
+		fails = append(fails, "SLOs missed: "+strings.Join(missed, "; "))
 	}
-	if len(sum.Errors) > 0 || sum.Lost > 0 || sum.Duplicated > 0 || sum.Connected < sum.Devices {
-		return fmt.Errorf("the run failed: %d errors, %d lost, %d duplicated, %d of %d devices connected", len(sum.Errors), sum.Lost, sum.Duplicated, sum.Connected, sum.Devices)
+	fails = append(fails, sum.Problems...)
+	if !sum.Valid {
+		fmt.Fprintf(os.Stderr, "the run is INVALID: %s\n", strings.Join(sum.Invalid, "; "))
 	}
-	fmt.Fprintf(os.Stderr, "%d devices, %d records, none lost or duplicated\n", sum.Devices, sum.InSink)
+	if len(fails) > 0 {
+		return fmt.Errorf("the run failed: %s", strings.Join(fails, "; "))
+	}
+	fmt.Fprintf(os.Stderr, "%d devices, %d records published, none lost or duplicated\n", sum.Devices, sum.Published)
 	return nil
 }

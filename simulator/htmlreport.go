@@ -1,0 +1,130 @@
+package simulator
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+
+	"fleetkey.dev/simulator/report"
+)
+
+// Brief is the summary without its time series, for a terminal.
+func (s *Summary) Brief() *Summary {
+	b := *s
+	b.Series = Series{}
+	b.Phases = map[string]PhaseStats{}
+	for k, p := range s.Phases {
+		p.Over = nil
+		b.Phases[k] = p
+	}
+	return &b
+}
+
+// WriteReport writes the run's self-contained HTML report to path.
+func WriteReport(path string, sum *Summary, cfg *RunConfig, slos []SLO) error {
+	var buf bytes.Buffer
+	if err := report.Write(&buf, reportOf(sum, cfg, slos)); err != nil {
+		return fmt.Errorf("rendering the report: %w", err)
+	}
+	return os.WriteFile(path, buf.Bytes(), 0o644)
+}
+
+func reportOf(sum *Summary, cfg *RunConfig, slos []SLO) *report.Report {
+	r := &report.Report{
+		Title:   fmt.Sprintf("fleetkey simulator: %d devices, target %s", sum.Devices, sum.Target),
+		Started: sum.Started, Seconds: sum.Seconds, Valid: sum.Valid, Invalid: sum.Invalid,
+	}
+	kv := func(list *[]report.KV, k string, v any) {
+		*list = append(*list, report.KV{Key: k, Value: fmt.Sprint(v)})
+	}
+	identities := "enroll (EST)"
+	if cfg.Identities != nil {
+		identities = "fast (minted from the fleet CA)"
+	}
+	kv(&r.Config, "gateway", cfg.Gateway)
+	kv(&r.Config, "target", cfg.Target)
+	kv(&r.Config, "devices", cfg.Devices)
+	kv(&r.Config, "arrival rate", fmt.Sprintf("%g/s", cfg.Rate))
+	kv(&r.Config, "max handshakes in flight", cfg.MaxHandshakes)
+	kv(&r.Config, "identities", identities)
+	kv(&r.Config, "telemetry", fmt.Sprintf("every %s, %d B, QoS %d, channel %s, for %s", cfg.Interval, cfg.Payload, map[bool]int{false: 1, true: 0}[cfg.AtMostOnce], cfg.Channel, cfg.Duration))
+	if cfg.Target == TargetFleetkey {
+		kv(&r.Config, "fkx1", fmt.Sprintf("suite %d, epoch every %s, generation every %s", cfg.Suite, orDefault(cfg.Rotation.EpochEvery.String(), "1h"), orDefault(cfg.Rotation.GenerationEvery.String(), "10m")))
+	}
+	if cfg.CommandRate > 0 {
+		kv(&r.Config, "commands", fmt.Sprintf("%g/s", cfg.CommandRate))
+	}
+	for _, f := range sum.Faults {
+		kv(&r.Config, "fault", f)
+	}
+	kv(&r.Summary, "devices ready", fmt.Sprintf("%d of %d", sum.Connected, sum.Devices))
+	kv(&r.Summary, "connections made", sum.Connects)
+	if cfg.Target == TargetFleetkey {
+		kv(&r.Summary, "fkx1 handshakes", sum.Handshakes)
+	}
+	kv(&r.Summary, "connects/s (arrival phase)", fmt.Sprintf("%.1f", sum.ConnectsPerS))
+	kv(&r.Summary, "records published", sum.Published)
+	kv(&r.Summary, "records acknowledged", sum.Acked)
+	if cfg.Service != nil {
+		kv(&r.Summary, "records received by the service", sum.Received)
+	}
+	if cfg.Sink != "" {
+		kv(&r.Summary, "records in the gateway's sink", sum.InSink)
+	}
+	kv(&r.Summary, "messages/s", fmt.Sprintf("%.1f", sum.MessagesPerS))
+	kv(&r.Summary, "lost", sum.Lost)
+	kv(&r.Summary, "duplicated", sum.Duplicated)
+	if sum.Commands > 0 {
+		kv(&r.Summary, "commands received", sum.Commands)
+	}
+	kv(&r.Summary, "simulator RSS peak", fmt.Sprintf("%.1f MB (%.1f KB per device)", sum.RSSPeakMB, sum.RSSPerDeviceKB))
+	for _, p := range sum.Problems {
+		kv(&r.Summary, "problem", p)
+	}
+	for _, o := range Evaluate(sum, slos) {
+		r.SLOs = append(r.SLOs, report.SLO{Objective: o.Objective, Got: o.Got, Met: o.Met})
+	}
+	for _, name := range phaseOrder {
+		p, ok := sum.Phases[name]
+		if !ok {
+			continue
+		}
+		ph := report.Phase{Name: phaseTitle[name], Count: p.Count, P50: p.P50MS, P90: p.P90MS, P99: p.P99MS, P999: p.P999MS, Max: p.MaxMS}
+		for _, pt := range p.Over {
+			ph.Over = append(ph.Over, report.Point{T: pt.T, P50: pt.P50MS, P99: pt.P99MS})
+		}
+		r.Phases = append(r.Phases, ph)
+	}
+	r.Series = report.Series{T: sum.Series.T, Connected: sum.Series.Connected, Offered: sum.Series.Offered, Achieved: sum.Series.Achieved}
+	for reason, n := range sum.Errors {
+		r.Errors = append(r.Errors, report.Count{Reason: reason, Count: n})
+	}
+	sort.Slice(r.Errors, func(i, j int) bool { return r.Errors[i].Count > r.Errors[j].Count })
+	for _, a := range sum.Attacks {
+		var seen []string
+		for _, k := range sortedKeys(a.Seen) {
+			seen = append(seen, fmt.Sprintf("%s (x%d)", k, a.Seen[k]))
+		}
+		for _, k := range sortedKeys(a.Gateway) {
+			seen = append(seen, fmt.Sprintf("gateway %s (x%d)", k, a.Gateway[k]))
+		}
+		r.Attacks = append(r.Attacks, report.Attack{Name: a.Name, Tries: a.Tries, Refused: a.Refused, Leaked: a.Leaked, OK: a.OK,
+			Reasons: strings.Join(seen, "; ") + " — " + a.Verdict})
+	}
+	return r
+}
+
+var phaseTitle = map[string]string{
+	PhaseEnroll: "enroll (EST)", PhaseTCP: "tcp connected", PhaseTLS: "tls done", PhaseConnack: "connack", PhaseFKX1: "fkx1 keys ready",
+	PhaseFirstAck: "first ack", PhaseAck: "publish → ack", PhaseE2E: "end to end", PhaseCommand: "command to device",
+	PhaseRevoked: "revoked → out", PhaseLag: "schedule lag (generator)",
+}
+
+func orDefault(s, def string) string {
+	if s == "0s" || s == "" {
+		return def
+	}
+	return s
+}
