@@ -105,9 +105,17 @@ type Options struct {
 	// RequireTPM admits only devices whose certificate is TPM-bound (issued
 	// after TPM attestation); services and admins are not affected.
 	RequireTPM bool
-	// Sessions turns on fkx1; nil refuses everything on devices/+/up/.
+	// Sessions turns on fkx1; nil refuses everything on devices/+/up/,
+	// unless PlaintextTelemetry.
 	Sessions *Sessions
-	Log      *slog.Logger
+	// PlaintextTelemetry, without Sessions, relays what a device publishes
+	// on devices/{id}/up/{ch} as it is to fleet/telemetry/{id}/{ch}: mTLS
+	// and the ACLs still hold, but records are not end-to-end encrypted,
+	// not stored in the sink, and acknowledged when mochi takes them. It is
+	// the gateway as a plain mTLS broker: for fleets without fkx1, and for
+	// measuring against other brokers with the same load.
+	PlaintextTelemetry bool
+	Log                *slog.Logger
 	// Now is the clock; default time.Now.
 	Now func() time.Time
 }
@@ -124,11 +132,6 @@ type Broker struct {
 	clients map[*mqtt.Client]*session
 	revoked map[string]struct{} // serials, lowercase hex
 	fkx     *engine
-	// relayPlaintext is the plaintext baseline of BenchmarkTelemetry, set
-	// only by that benchmark: a device's publish on devices/{id}/up/{ch} is
-	// relayed as it is to fleet/telemetry/{id}/{ch}, so the encrypted path
-	// can be measured against the same relay without crypto or sink.
-	relayPlaintext bool
 }
 
 // session is what the broker knows of a connected client: the identity
@@ -201,6 +204,9 @@ func New(opts Options) (*Broker, error) {
 		ClientNetReadBufferSize: b.limits.BufferSize, ClientNetWriteBufferSize: b.limits.BufferSize})
 	if err := b.mqtt.AddHook(&hook{b: b}, nil); err != nil {
 		return nil, err
+	}
+	if opts.Sessions != nil && opts.PlaintextTelemetry {
+		return nil, errors.New("plaintext telemetry and fkx1 sessions exclude each other")
 	}
 	if opts.Sessions != nil {
 		e, err := newEngine(b, *opts.Sessions)
@@ -493,7 +499,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 			return pk, err
 		}
 	}
-	if ok && id.Role == identity.RoleDevice && isUp(pk.TopicName) && h.b.relayPlaintext {
+	if ok && id.Role == identity.RoleDevice && isUp(pk.TopicName) && h.b.opts.PlaintextTelemetry {
 		pk.TopicName = "fleet/telemetry/" + id.Name + pk.TopicName[len("devices/")+len(id.Name)+len("/up"):]
 		return pk, nil
 	}

@@ -79,12 +79,11 @@ func benchServe(kind, pki string) int {
 		defer cleanup()
 		go b.Serve(ctx, ln)
 	case "fleetkey-plain":
-		b, err := New(Options{Bundle: bundle, Certificate: cert, Limits: Limits{ConnPerSecondPerAddr: 1 << 20}})
+		b, err := New(Options{Bundle: bundle, Certificate: cert, Limits: Limits{ConnPerSecondPerAddr: 1 << 20}, PlaintextTelemetry: true})
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}
-		b.relayPlaintext = true
 		go b.Serve(ctx, ln)
 	case "mochi":
 		addr := ln.Addr().String()

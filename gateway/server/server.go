@@ -61,6 +61,14 @@ type Config struct {
 	MaxPacketSize    uint32        `yaml:"max_packet_size"`
 	MaxClients       int64         `yaml:"max_clients"`
 	BufferSize       int           `yaml:"buffer_size"`
+	// ConnPerSecondPerAddr bounds new connections per second from one IP
+	// address (default 200); a load generator on one address needs more.
+	ConnPerSecondPerAddr int `yaml:"conn_per_second_per_addr"`
+	// PlaintextTelemetry turns fkx1 off: devices publish plaintext on up/
+	// (inside mTLS), relayed to fleet/telemetry/ without the sink. For
+	// fleets without fkx1, and to measure the gateway as a plain mTLS
+	// broker. Default false.
+	PlaintextTelemetry bool `yaml:"plaintext_telemetry"`
 	// RequireTPM admits only devices with TPM-bound certificates (issued
 	// after TPM attestation). Default false.
 	RequireTPM bool `yaml:"require_tpm"`
@@ -124,6 +132,9 @@ func (c Config) Validate() error {
 	if _, port, _ := net.SplitHostPort(c.Listen); port == "1883" {
 		return errors.New("config listen: 1883 is plaintext MQTT's port; the gateway speaks only MQTT over TLS (8883)")
 	}
+	if c.ConnPerSecondPerAddr < 0 || c.MaxClients < 0 || c.BufferSize < 0 {
+		return errors.New("config conn_per_second_per_addr, max_clients and buffer_size must not be negative (0 is the default)")
+	}
 	if c.MetricsListen != "off" {
 		if _, _, err := net.SplitHostPort(c.MetricsListen); err != nil {
 			return fmt.Errorf("config metrics_listen: %q is not host:port: %v", c.MetricsListen, err)
@@ -181,10 +192,16 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	for _, s := range cfg.Suites {
 		suites = append(suites, sessionkey.Suite(s))
 	}
-	b, err := broker.New(broker.Options{Bundle: bundle, Certificate: cert, Log: log, RequireTPM: cfg.RequireTPM,
-		Limits: broker.Limits{HandshakeTimeout: cfg.HandshakeTimeout, ConnectTimeout: cfg.ConnectTimeout, MaxPacketSize: cfg.MaxPacketSize, MaxClients: cfg.MaxClients, BufferSize: cfg.BufferSize},
+	opts := broker.Options{Bundle: bundle, Certificate: cert, Log: log, RequireTPM: cfg.RequireTPM,
+		Limits: broker.Limits{HandshakeTimeout: cfg.HandshakeTimeout, ConnectTimeout: cfg.ConnectTimeout, MaxPacketSize: cfg.MaxPacketSize, MaxClients: cfg.MaxClients, BufferSize: cfg.BufferSize,
+			ConnPerSecondPerAddr: cfg.ConnPerSecondPerAddr},
 		Sessions: &broker.Sessions{Identity: sessionkey.Identity{Signer: signer, Chain: cert.Certificate}, Suites: suites, Sink: snk,
-			Rotation: sessionkey.Rotation{GenerationEvery: cfg.GenerationEvery, EpochEvery: cfg.EpochEvery, RetireAfter: cfg.RetireAfter}}})
+			Rotation: sessionkey.Rotation{GenerationEvery: cfg.GenerationEvery, EpochEvery: cfg.EpochEvery, RetireAfter: cfg.RetireAfter}}}
+	if cfg.PlaintextTelemetry {
+		opts.Sessions, opts.PlaintextTelemetry = nil, true
+		log.Warn("plaintext_telemetry: fkx1 is off; records are protected by TLS only, not stored in the sink, and relayed as they are")
+	}
+	b, err := broker.New(opts)
 	if err != nil {
 		snk.Close()
 		return nil, err
@@ -258,6 +275,9 @@ func (g *Gateway) metrics() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	st := g.broker.Stats()
 	fkx := g.broker.FKXStats()
+	if fkx == nil {
+		fkx = new(broker.FKXStats) // plaintext telemetry: fkx1 counts stay 0
+	}
 	fkxCounter := func(name, help string, v func(*broker.FKXStats) int64) prometheus.Collector {
 		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "fleetkey_gateway_" + name, Help: help}, func() float64 { return float64(v(fkx)) })
 	}

@@ -100,6 +100,7 @@ func TestConfigRefusals(t *testing.T) {
 		{"fail/metrics", "metrics_listen: nowhere\n", "config metrics_listen"},
 		{"fail/provisioning-http", "provisioning: http://x:8443\n", "https://"},
 		{"fail/unknown-key", "lisen: ':8883'\n", "field lisen not found"},
+		{"fail/conn-rate", "conn_per_second_per_addr: -1\n", "must not be negative"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			p := filepath.Join(t.TempDir(), "c.yaml")
