@@ -46,15 +46,36 @@ type Stack struct {
 	mu        sync.Mutex
 	gw        *gwserver.Gateway
 	adminHTTP *http.Client
+	opts      LocalOptions
+}
+
+// LocalOptions adjust the local stack.
+type LocalOptions struct {
+	// PlaintextTelemetry runs the gateway with fkx1 off (its
+	// plaintext_telemetry setting), for --target mqtt.
+	PlaintextTelemetry bool
+	// ConnPerSecondPerAddr is the gateway's limit on new connections per
+	// second from one address. Default 100,000: a simulated fleet comes
+	// from one address, where the gateway's own default (200) would make
+	// the limit, not the gateway, the thing measured.
+	ConnPerSecondPerAddr int
 }
 
 // StartLocal makes a PKI in dir and starts provisioning and the gateway
 // in this process, on free loopback ports.
 func StartLocal(ctx context.Context, dir string, log *slog.Logger) (*Stack, error) {
+	return StartLocalWith(ctx, dir, log, LocalOptions{})
+}
+
+// StartLocalWith is StartLocal with options.
+func StartLocalWith(ctx context.Context, dir string, log *slog.Logger, opts LocalOptions) (*Stack, error) {
+	if opts.ConnPerSecondPerAddr == 0 {
+		opts.ConnPerSecondPerAddr = 100_000
+	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Stack{Dir: dir, PKI: filepath.Join(dir, "pki"), Sink: filepath.Join(dir, "telemetry.jsonl"), done: make(chan error, 1), gwDone: make(chan error, 1), cancelGW: func() {}}
+	s := &Stack{opts: opts, Dir: dir, PKI: filepath.Join(dir, "pki"), Sink: filepath.Join(dir, "telemetry.jsonl"), done: make(chan error, 1), gwDone: make(chan error, 1), cancelGW: func() {}}
 	if _, err := pkidir.Init(s.PKI, pkidir.InitOptions{TrustDomain: "fleet.local"}); err != nil {
 		return nil, fmt.Errorf("making the fleet PKI: %w", err)
 	}
@@ -97,7 +118,7 @@ func StartLocal(ctx context.Context, dir string, log *slog.Logger) (*Stack, erro
 // startGateway builds the gateway and serves it on ln.
 func (s *Stack) startGateway(ln net.Listener) error {
 	gw, err := gwserver.New(gwserver.Config{PKIDir: s.PKI, Provisioning: s.Provisioning, TelemetrySink: s.Sink, MetricsListen: "off",
-		Listen: "127.0.0.1:0"}, s.log.With("service", "gateway"))
+		Listen: "127.0.0.1:0", ConnPerSecondPerAddr: s.opts.ConnPerSecondPerAddr, PlaintextTelemetry: s.opts.PlaintextTelemetry}, s.log.With("service", "gateway"))
 	if err != nil {
 		ln.Close()
 		return fmt.Errorf("gateway: %w", err)

@@ -57,6 +57,10 @@ type RunConfig struct {
 	// records it delivers (end-to-end latency, loss at the receiver) and
 	// sends commands with it.
 	Service *tls.Certificate
+	// ServiceTopic is what the service subscribes to; default
+	// fleet/telemetry/+/CHANNEL (the gateway's delivery) for TargetFleetkey
+	// and devices/+/up/CHANNEL for TargetMQTT.
+	ServiceTopic string
 	// CommandRate is commands per second the service sends to connected
 	// devices, in all (TargetFleetkey).
 	CommandRate float64

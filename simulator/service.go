@@ -62,6 +62,9 @@ func startReceiver(ctx context.Context, cfg *RunConfig, m *meter) (*receiver, er
 	if cfg.Target == TargetMQTT {
 		topic = "devices/+/up/" + cfg.Channel
 	}
+	if cfg.ServiceTopic != "" {
+		topic = cfg.ServiceTopic
+	}
 	st := r.c.Subscribe(topic, 1, func(_ paho.Client, msg paho.Message) { r.record(msg.Payload()) })
 	if !st.WaitTimeout(15*time.Second) || st.Error() != nil {
 		r.c.Disconnect(0)

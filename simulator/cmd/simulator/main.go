@@ -224,7 +224,10 @@ func run(ctx context.Context, args []string) error {
 	var restart func() error
 	var revoke simulator.Revoker
 	if *localStack {
-		s, err := simulator.StartLocal(ctx, d, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+		// --target mqtt: the gateway with fkx1 off (plaintext_telemetry),
+		// relaying devices' records to fleet/telemetry/ for services.
+		plain := cfg.Target == simulator.TargetMQTT
+		s, err := simulator.StartLocalWith(ctx, d, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})), simulator.LocalOptions{PlaintextTelemetry: plain})
 		if err != nil {
 			return err
 		}
@@ -233,6 +236,9 @@ func run(ctx context.Context, args []string) error {
 			return err
 		}
 		cfg.Provisioning, cfg.Gateway, cfg.RootCAs, cfg.Sink = s.Provisioning, s.Gateway, s.RootCAs, s.Sink
+		if plain {
+			cfg.Sink, cfg.ServiceTopic = "", "fleet/telemetry/+/"+*channel
+		}
 		fmt.Fprintf(os.Stderr, "stack up: provisioning %s, gateway %s, state in %s\n", s.Provisioning, s.Gateway, d)
 		*pkiDir = s.PKI
 		restart, revoke = s.RestartGateway, s.Revoke
