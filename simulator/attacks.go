@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
@@ -60,7 +61,8 @@ type AttackEnv struct {
 	Issuer *authority.Issuer
 	// Revoke revokes a device through the provisioning service; Enroll
 	// enrolls one over EST (a revoked certificate must be one the service
-	// issued). Either nil: the revoked-cert attack is skipped.
+	// issued; default: through RunConfig's provisioning and token). Without
+	// them the revoked-cert attack cannot run.
 	Revoke Revoker
 	Enroll func(ctx context.Context, id string) (*agent.Credentials, error)
 	// Refusals reads the gateway's refusal counters (stage, reason); nil
@@ -368,6 +370,11 @@ func attackOnce(ctx context.Context, cfg *RunConfig, name, self, victim string, 
 		}
 		return connectRefused(cert, self)
 	case "revoked-cert":
+		if env.Enroll == nil && cfg.Provisioning != "" && cfg.Token != "" {
+			env.Enroll = func(ctx context.Context, id string) (*agent.Credentials, error) {
+				return enrollDevice(ctx, cfg, filepath.Join(cfg.Dir, "attackers", id), id)
+			}
+		}
 		if env.Enroll == nil || env.Revoke == nil {
 			return false, "", errors.New("needs the provisioning service and its admin API (--local)")
 		}

@@ -46,6 +46,30 @@ func (fc *FleetControl) Drop(fraction float64) int {
 	return n
 }
 
+// DropN cuts the connections of n random devices that are ready.
+func (fc *FleetControl) DropN(n int) int {
+	var ready []*vdev
+	for _, v := range fc.f.devs {
+		v.mu.Lock()
+		if v.ready {
+			ready = append(ready, v)
+		}
+		v.mu.Unlock()
+	}
+	rand.Shuffle(len(ready), func(i, j int) { ready[i], ready[j] = ready[j], ready[i] })
+	cut := 0
+	for _, v := range ready[:min(n, len(ready))] {
+		v.mu.Lock()
+		c, g := v.conn, v.gen
+		v.mu.Unlock()
+		if c != nil {
+			v.lost(g, errDropped)
+			cut++
+		}
+	}
+	return cut
+}
+
 // Connected returns the ids of devices connected and ready now.
 func (fc *FleetControl) Connected() []string {
 	var out []string
@@ -220,8 +244,14 @@ func (fs FaultSpec) Fault(restart func() error, revoke Revoker) (Fault, error) {
 	case "churn":
 		f.Name = fmt.Sprintf("churn %.0f%%/min", fs.Fraction*100)
 		f.At, f.Every = time.Second, time.Second
+		// Each second, fraction/60 of the ready devices, the remainder
+		// carried to the next second: the rate holds for small fleets too.
+		var owed float64
 		f.Do = func(_ context.Context, fc *FleetControl) (string, error) {
-			return strconv.Itoa(fc.Drop(fs.Fraction / 60)), nil
+			owed += fs.Fraction / 60 * float64(len(fc.Connected()))
+			n := int(owed)
+			owed -= float64(n)
+			return strconv.Itoa(fc.DropN(n)), nil
 		}
 	case "storm":
 		f.Name = fmt.Sprintf("reconnect storm %.0f%%", fs.Fraction*100)

@@ -14,9 +14,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	mathrand "math/rand/v2"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -102,7 +105,7 @@ func StartLocalWith(ctx context.Context, dir string, log *slog.Logger, opts Loca
 	}
 	go func() { s.done <- prov.Serve(ctx, pln, nil) }()
 	s.Provisioning = "https://localhost:" + portOf(pln.Addr())
-	gln, err := net.Listen("tcp", "127.0.0.1:0")
+	gln, err := listenBelowEphemeral()
 	if err != nil {
 		s.cancel()
 		return nil, err
@@ -143,11 +146,49 @@ func (s *Stack) RestartGateway() error {
 	case <-time.After(15 * time.Second):
 		return errors.New("the gateway did not stop within 15 s")
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:"+s.Gateway[strings.LastIndexByte(s.Gateway, ':')+1:])
+	addr := "127.0.0.1:" + s.Gateway[strings.LastIndexByte(s.Gateway, ':')+1:]
+	var ln net.Listener
+	var err error
+	// A moment's grace: an outgoing connection may hold the port for a
+	// while (the port is kept out of the ephemeral range, but another
+	// program may still pick it).
+	for wait, deadline := 10*time.Millisecond, time.Now().Add(5*time.Second); ; wait = min(2*wait, 500*time.Millisecond) {
+		if ln, err = net.Listen("tcp", addr); err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(wait)
+	}
 	if err != nil {
 		return fmt.Errorf("the gateway's port: %w", err)
 	}
 	return s.startGateway(ln)
+}
+
+// listenBelowEphemeral listens on a free loopback port below the kernel's
+// ephemeral range, so that when the gateway restarts on the same port no
+// client's outgoing connection (thousands of them, reconnecting) can have
+// taken it meanwhile. It falls back to any free port.
+func listenBelowEphemeral() (net.Listener, error) {
+	lo := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil {
+				lo = n
+			}
+		}
+	}
+	if lo > 12000 {
+		for range 50 {
+			port := 10000 + mathrand.IntN(lo-10000)
+			if port == 1883 || port == 8883 {
+				continue
+			}
+			if ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
+				return ln, nil
+			}
+		}
+	}
+	return net.Listen("tcp", "127.0.0.1:0")
 }
 
 func portOf(a net.Addr) string { return fmt.Sprint(a.(*net.TCPAddr).Port) }

@@ -47,6 +47,9 @@ type phase struct {
 	total  *hdr.Histogram
 	window *hdr.Histogram
 	points []PhasePoint
+	// first and last are when the phase's first and last measurement
+	// were taken (rates over a phase's span: bench-peers).
+	first, last time.Time
 }
 
 // PhasePoint is one second of a phase.
@@ -65,6 +68,10 @@ type PhaseStats struct {
 	P999MS float64      `json:"p999_ms"`
 	MaxMS  float64      `json:"max_ms"`
 	Over   []PhasePoint `json:"over_time,omitempty"`
+	// FirstS and LastS are when the first and the last measurement were
+	// taken, in seconds after the run's start.
+	FirstS float64 `json:"first_s,omitempty"`
+	LastS  float64 `json:"last_s,omitempty"`
 }
 
 // Latencies from 1 µs to 10 min, 3 significant digits.
@@ -110,9 +117,16 @@ func newMeter(start time.Time) *meter {
 func (m *meter) record(p string, d time.Duration) {
 	ph := m.phases[p]
 	us := max(d.Microseconds(), 1)
+	now := time.Now()
 	ph.mu.Lock()
 	_ = ph.total.RecordValue(us)
 	_ = ph.window.RecordValue(us)
+	if ph.first.IsZero() || now.Before(ph.first) {
+		ph.first = now
+	}
+	if now.After(ph.last) {
+		ph.last = now
+	}
 	ph.mu.Unlock()
 }
 
@@ -160,7 +174,8 @@ func (m *meter) stats() map[string]PhaseStats {
 		h := ph.total
 		if h.TotalCount() > 0 {
 			out[name] = PhaseStats{Count: h.TotalCount(), P50MS: ms(h.ValueAtQuantile(50)), P90MS: ms(h.ValueAtQuantile(90)),
-				P99MS: ms(h.ValueAtQuantile(99)), P999MS: ms(h.ValueAtQuantile(99.9)), MaxMS: ms(h.Max()), Over: slices.Clone(ph.points)}
+				P99MS: ms(h.ValueAtQuantile(99)), P999MS: ms(h.ValueAtQuantile(99.9)), MaxMS: ms(h.Max()), Over: slices.Clone(ph.points),
+				FirstS: ph.first.Sub(m.start).Seconds(), LastS: ph.last.Sub(m.start).Seconds()}
 		}
 		ph.mu.Unlock()
 	}

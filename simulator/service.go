@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -53,11 +54,6 @@ func startReceiver(ctx context.Context, cfg *RunConfig, m *meter) (*receiver, er
 		SetTLSConfig(&tls.Config{MinVersion: tls.VersionTLS12, ServerName: host, RootCAs: cfg.RootCAs, Certificates: []tls.Certificate{*cfg.Service}}).
 		SetProtocolVersion(4).SetCleanSession(true).SetAutoReconnect(true).SetConnectRetry(true).SetConnectRetryInterval(time.Second).
 		SetConnectTimeout(10 * time.Second).SetKeepAlive(30 * time.Second).SetOrderMatters(false).SetMaxResumePubInFlight(1024)
-	r.c = paho.NewClient(opts)
-	tok := r.c.Connect()
-	if !tok.WaitTimeout(15*time.Second) || tok.Error() != nil {
-		return nil, fmt.Errorf("the service client could not connect to %s: %v", cfg.Gateway, tok.Error())
-	}
 	topic := "fleet/telemetry/+/" + cfg.Channel
 	if cfg.Target == TargetMQTT {
 		topic = "devices/+/up/" + cfg.Channel
@@ -65,10 +61,32 @@ func startReceiver(ctx context.Context, cfg *RunConfig, m *meter) (*receiver, er
 	if cfg.ServiceTopic != "" {
 		topic = cfg.ServiceTopic
 	}
-	st := r.c.Subscribe(topic, 1, func(_ paho.Client, msg paho.Message) { r.record(msg.Payload()) })
-	if !st.WaitTimeout(15*time.Second) || st.Error() != nil {
+	// A clean session: the subscription is made again on every connection
+	// (a gateway restart ends the session).
+	subscribed := make(chan error, 1)
+	opts.SetOnConnectHandler(func(c paho.Client) {
+		st := c.Subscribe(topic, 1, func(_ paho.Client, msg paho.Message) { r.record(msg.Payload()) })
+		go func() {
+			var err error
+			if !st.WaitTimeout(15 * time.Second) {
+				err = errors.New("no SUBACK in 15 s")
+			} else {
+				err = st.Error()
+			}
+			select {
+			case subscribed <- err:
+			default:
+			}
+		}()
+	})
+	r.c = paho.NewClient(opts)
+	tok := r.c.Connect()
+	if !tok.WaitTimeout(15*time.Second) || tok.Error() != nil {
+		return nil, fmt.Errorf("the service client could not connect to %s: %v", cfg.Gateway, tok.Error())
+	}
+	if err := <-subscribed; err != nil {
 		r.c.Disconnect(0)
-		return nil, fmt.Errorf("the service client could not subscribe to %s: %v", topic, st.Error())
+		return nil, fmt.Errorf("the service client could not subscribe to %s: %v", topic, err)
 	}
 	if cfg.CommandRate > 0 && cfg.Target == TargetFleetkey {
 		r.wg.Go(func() { r.commands(ctx) })

@@ -74,6 +74,7 @@ type vdev struct {
 	// closed when the gateway has closed its connection.
 	revokedAt time.Time
 	out       chan struct{}
+	lastErr   string
 }
 
 type pendingRec struct {
@@ -93,6 +94,7 @@ type fleet struct {
 	slots   chan struct{}
 	devs    []*vdev
 	recBase uint64 // record ids are recBase+seq: they rise across runs
+	dial    string // the gateway address, resolved once
 	stopPub time.Time
 	keep    time.Duration
 	readers sync.WaitGroup
@@ -106,7 +108,15 @@ func newFleet(ctx context.Context, cfg *RunConfig, m *meter, start time.Time) (*
 	if err != nil {
 		return nil, fmt.Errorf("gateway address %q: want host:port", cfg.Gateway)
 	}
-	f := &fleet{cfg: cfg, ctx: ctx, m: m, recBase: uint64(start.UnixMicro()), work: make(chan func(), 4096)}
+	f := &fleet{cfg: cfg, ctx: ctx, m: m, recBase: uint64(start.UnixMicro()), work: make(chan func(), 4096), dial: cfg.Gateway}
+	// Resolve once: ten thousand devices reconnecting must not each ask
+	// the resolver (TLS still checks the name).
+	if net.ParseIP(host) == nil {
+		if addrs, err := net.DefaultResolver.LookupHost(ctx, host); err == nil && len(addrs) > 0 {
+			_, port, _ := net.SplitHostPort(cfg.Gateway)
+			f.dial = net.JoinHostPort(addrs[0], port)
+		}
+	}
 	f.keep = max(60*time.Second, 3*cfg.Interval)
 	f.tls = &tls.Config{MinVersion: tls.VersionTLS12, ServerName: host, RootCAs: cfg.RootCAs,
 		GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
@@ -191,11 +201,16 @@ func (f *fleet) acquire() func() {
 }
 
 func (v *vdev) enroll() (*agent.Credentials, error) {
-	cfg := v.f.cfg
-	st := &agent.State{Dir: filepath.Join(cfg.Dir, v.id)}
-	ctx, cancel := context.WithTimeout(v.f.ctx, 30*time.Second)
+	return enrollDevice(v.f.ctx, v.f.cfg, filepath.Join(v.f.cfg.Dir, v.id), v.id)
+}
+
+// enrollDevice enrolls device id over EST, as the agent does, with its
+// state in dir.
+func enrollDevice(ctx context.Context, cfg *RunConfig, dir, id string) (*agent.Credentials, error) {
+	st := &agent.State{Dir: dir}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if _, err := st.Enroll(ctx, agent.EnrollOptions{Provisioning: cfg.Provisioning, RootCAs: cfg.RootCAs, Token: cfg.Token, ID: v.id}); err != nil {
+	if _, err := st.Enroll(ctx, agent.EnrollOptions{Provisioning: cfg.Provisioning, RootCAs: cfg.RootCAs, Token: cfg.Token, ID: id}); err != nil {
 		return nil, err
 	}
 	return st.LoadCredentials()
@@ -209,11 +224,14 @@ func (v *vdev) connect(intended time.Time, release func()) {
 	fail := func(stage string, err error) {
 		release()
 		f.m.fail(reasonOf(stage, err))
+		v.mu.Lock()
+		v.lastErr = reasonOf(stage, err)
+		v.mu.Unlock()
 		v.retry()
 	}
 	ctx, cancel := context.WithTimeout(context.WithValue(f.ctx, vdevKey{}, v), 10*time.Second)
 	defer cancel()
-	raw, err := (&net.Dialer{}).DialContext(ctx, "tcp", f.cfg.Gateway)
+	raw, err := (&net.Dialer{}).DialContext(ctx, "tcp", f.dial)
 	if err != nil {
 		fail("tcp", err)
 		return
@@ -457,6 +475,9 @@ func (v *vdev) lost(g uint32, err error) {
 		return
 	}
 	v.f.m.fail(reasonOf("disconnected", err))
+	v.mu.Lock()
+	v.lastErr = reasonOf("disconnected", err)
+	v.mu.Unlock()
 	v.retry()
 }
 
@@ -598,6 +619,25 @@ func (v *vdev) dropPending() {
 	if v.timer != nil {
 		v.timer.Stop()
 	}
+}
+
+// describe says where a device stands, for a problem report. Caller
+// holds mu.
+func (v *vdev) describe() string {
+	state := "not connected"
+	switch {
+	case v.creds == nil:
+		state = "not enrolled"
+	case v.conn != nil && v.link != nil && v.link.Waiting():
+		state = "connected, fkx1 handshake in flight"
+	case v.conn != nil:
+		state = "connected, no handshake in flight"
+	}
+	st := ""
+	if v.dev != nil {
+		st = fmt.Sprintf(", %d handshake timeouts, %d answers refused", v.dev.Stats.HandshakeFailures.Load(), v.dev.Stats.KexRefused.Load())
+	}
+	return fmt.Sprintf("%s: %s after %d attempts%s; last error: %s", v.id, state, v.attempt, st, v.lastErr)
 }
 
 // unacked counts the device's records not yet acknowledged.

@@ -28,6 +28,15 @@ type listener struct {
 	once  sync.Once
 	done  chan struct{}
 	wg    sync.WaitGroup
+
+	// conns are the connections being served. mochi's Close disconnects
+	// the clients it has registered; a connection between its TLS
+	// handshake and its CONNECT is not one yet, and would outlive the
+	// broker (found by the fleet simulator restarting a gateway while
+	// devices connected). Close closes every one.
+	mu      sync.Mutex
+	conns   map[net.Conn]struct{}
+	closing bool
 }
 
 var _ listeners.Listener = (*listener)(nil)
@@ -86,6 +95,11 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 // mochi under a deadline for CONNECT, and a recover() around it all.
 func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
 	b := l.b
+	if !l.track(raw) {
+		raw.Close()
+		return
+	}
+	defer l.untrack(raw)
 	tc := tls.Server(raw, b.tls)
 	defer func() {
 		if p := recover(); p != nil {
@@ -156,7 +170,33 @@ func (l *listener) Close(closeClients listeners.CloseFn) {
 		l.ln.Close()
 	})
 	closeClients(l.id)
+	l.mu.Lock()
+	l.closing = true
+	for c := range l.conns {
+		c.Close()
+	}
+	l.mu.Unlock()
 	l.wg.Wait()
+}
+
+// track registers a connection being served; false once closing.
+func (l *listener) track(c net.Conn) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closing {
+		return false
+	}
+	if l.conns == nil {
+		l.conns = map[net.Conn]struct{}{}
+	}
+	l.conns[c] = struct{}{}
+	return true
+}
+
+func (l *listener) untrack(c net.Conn) {
+	l.mu.Lock()
+	delete(l.conns, c)
+	l.mu.Unlock()
 }
 
 // addrRates is a token bucket per client IP: perSec new connections a

@@ -22,7 +22,6 @@ import (
 	"time"
 
 	"fleetkey.dev/certs/trust"
-	"fleetkey.dev/device-agent/agent"
 	"fleetkey.dev/sessionkey"
 	"fleetkey.dev/simulator"
 )
@@ -31,6 +30,7 @@ const usage = `usage:
   simulator local [--dir DIR]
   simulator run --local [--dir DIR] [flags]
   simulator run --provisioning https://HOST:PORT --ca ROOT.pem --token T --gateway HOST:PORT [flags]
+  simulator bench-peers [--devices N] [--rate R] [--rounds N] [--targets LIST] [--json FILE] (--help: flags)
 
 run flags:
   --devices N        virtual devices (default 100)
@@ -64,6 +64,12 @@ func main() {
 		err = local(ctx, os.Args[2:])
 	case "run":
 		err = run(ctx, os.Args[2:])
+	case "bench-peers":
+		err = benchPeers(ctx, os.Args[2:])
+	case "peer-mochi":
+		err = peerMochi(ctx, os.Args[2:])
+	case "peer-gateway":
+		err = peerGateway(ctx, os.Args[2:])
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 		return
@@ -301,16 +307,7 @@ func run(ctx context.Context, args []string) error {
 	} else if *idents == "fast" {
 		return errors.New("--identities fast needs the fleet CA: --local, or --pki DIR")
 	}
-	if cfg.Provisioning != "" && cfg.Token != "" {
-		cfg.AttackEnv.Revoke = revoke
-		cfg.AttackEnv.Enroll = func(ctx context.Context, id string) (*agent.Credentials, error) {
-			st := &agent.State{Dir: filepath.Join(d, "attackers", id)}
-			if _, err := st.Enroll(ctx, agent.EnrollOptions{Provisioning: cfg.Provisioning, RootCAs: cfg.RootCAs, Token: cfg.Token, ID: id}); err != nil {
-				return nil, err
-			}
-			return st.LoadCredentials()
-		}
-	}
+	cfg.AttackEnv.Revoke = revoke
 	sum, err := simulator.Run(ctx, cfg)
 	if sum != nil {
 		b, _ := json.MarshalIndent(sum.Brief(), "", "  ")
