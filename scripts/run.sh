@@ -77,8 +77,11 @@ wait $pid $gwpid 2>/dev/null || true
 pid= gwpid=
 echo
 
-echo "now a fleet: 100 virtual devices, each running the device agent, enrolled over EST on a"
-echo "stack of its own, for 60 s of encrypted telemetry, rekeying every 20 s..."
+echo "now a fleet: 100 virtual devices, each enrolled over EST and running the device agent's"
+echo "fkx1 code, on a stack of its own, for 60 s of encrypted telemetry, rekeying every 20 s,"
+echo "while a service sends them commands and every attack in the book is tried once..."
 bin/simulator run --local --dir "$state/sim" --devices 100 --rate 50 --duration 60s --interval 1s \
-	--epoch-every 20s --generation-every 10s --json "$state/sim/summary.json"
-echo "summary in $state/sim/summary.json"
+	--epoch-every 20s --generation-every 10s --command-rate 2 --attack all:1 \
+	--slo 'connect_p99<2s,loss=0,leaks=0' --json "$state/sim/summary.json" --report "$state/sim/report.html"
+echo "summary: $state/sim/summary.json"
+echo "report:  $state/sim/report.html (opens offline in any browser)"

@@ -3,6 +3,7 @@ package simulator
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"sort"
 	"strings"
@@ -127,4 +128,50 @@ func orDefault(s, def string) string {
 		return def
 	}
 	return s
+}
+
+// WriteText writes the summary for a terminal: the headline figures, the
+// phases, errors, faults and attacks.
+func WriteText(w io.Writer, sum *Summary) {
+	valid := "valid"
+	if !sum.Valid {
+		valid = "INVALID: " + strings.Join(sum.Invalid, "; ")
+	}
+	fmt.Fprintf(w, "%d devices (%s), %d ready, %d connections, %d fkx1 handshakes, %.0f s, run %s\n",
+		sum.Devices, sum.Target, sum.Connected, sum.Connects, sum.Handshakes, sum.Seconds, valid)
+	fmt.Fprintf(w, "records: %d published, %d acknowledged, %d received by the service, %d in the sink; %d lost, %d duplicated; %.1f msg/s\n",
+		sum.Published, sum.Acked, sum.Received, sum.InSink, sum.Lost, sum.Duplicated, sum.MessagesPerS)
+	if sum.Commands > 0 {
+		fmt.Fprintf(w, "commands: %d received by devices\n", sum.Commands)
+	}
+	fmt.Fprintf(w, "simulator RSS peak %.0f MB (%.1f KB per device)\n", sum.RSSPeakMB, sum.RSSPerDeviceKB)
+	fmt.Fprintf(w, "%-26s %9s %10s %10s %10s %10s\n", "phase (ms, from intended)", "count", "p50", "p99", "p99.9", "max")
+	for _, name := range phaseOrder {
+		if p, ok := sum.Phases[name]; ok {
+			fmt.Fprintf(w, "%-26s %9d %10.2f %10.2f %10.2f %10.2f\n", phaseTitle[name], p.Count, p.P50MS, p.P99MS, p.P999MS, p.MaxMS)
+		}
+	}
+	for _, k := range sortedKeys(sum.Errors) {
+		fmt.Fprintf(w, "error  %6d  %s\n", sum.Errors[k], k)
+	}
+	for _, f := range sum.Faults {
+		fmt.Fprintf(w, "fault  %s\n", f)
+	}
+	for _, a := range sum.Attacks {
+		ok := "refused"
+		if !a.OK {
+			ok = "FAILED"
+		}
+		var gw []string
+		for _, k := range sortedKeys(a.Gateway) {
+			gw = append(gw, fmt.Sprintf("%s x%d", k, a.Gateway[k]))
+		}
+		fmt.Fprintf(w, "attack %-18s %s: %s (gateway: %s)\n", a.Name, ok, a.Verdict, strings.Join(gw, ", "))
+	}
+	for _, n := range sum.Notes {
+		fmt.Fprintf(w, "note   %s\n", n)
+	}
+	for _, p := range sum.Problems {
+		fmt.Fprintf(w, "PROBLEM %s\n", p)
+	}
 }

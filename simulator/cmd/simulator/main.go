@@ -152,7 +152,7 @@ func run(ctx context.Context, args []string) error {
 	epochEvery := fs.Duration("epoch-every", 0, "new handshake interval")
 	genEvery := fs.Duration("generation-every", 0, "new key generation interval")
 	cmdRate := fs.Float64("command-rate", 0, "commands per second sent by a service to random devices")
-	jsonOut := fs.String("json", "", "write the summary as JSON here")
+	jsonOut := fs.String("json", "", "write the summary as JSON here (- for stdout)")
 	htmlOut := fs.String("report", "", "write the HTML report here (default DIR/report.html)")
 	idents := fs.String("identities", "enroll", "enroll (EST, through provisioning) or fast (minted from the fleet CA in --pki, cached)")
 	pkiDir := fs.String("pki", "", "the fleet PKI directory: --identities fast, attacks, and the service credential without --local")
@@ -310,11 +310,12 @@ func run(ctx context.Context, args []string) error {
 	cfg.AttackEnv.Revoke = revoke
 	sum, err := simulator.Run(ctx, cfg)
 	if sum != nil {
-		b, _ := json.MarshalIndent(sum.Brief(), "", "  ")
-		fmt.Println(string(b))
+		simulator.WriteText(os.Stdout, sum)
 		if *jsonOut != "" {
 			full, _ := json.MarshalIndent(sum, "", "  ")
-			if werr := os.WriteFile(*jsonOut, append(full, '\n'), 0o644); werr != nil {
+			if *jsonOut == "-" {
+				fmt.Println(string(full))
+			} else if werr := os.WriteFile(*jsonOut, append(full, '\n'), 0o644); werr != nil {
 				return werr
 			}
 		}
