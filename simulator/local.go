@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -62,6 +63,9 @@ type LocalOptions struct {
 	// from one address, where the gateway's own default (200) would make
 	// the limit, not the gateway, the thing measured.
 	ConnPerSecondPerAddr int
+	// RequireTPM runs the gateway with require_tpm: only TPM-bound
+	// devices get in (--tpm).
+	RequireTPM bool
 }
 
 // StartLocal makes a PKI in dir and starts provisioning and the gateway
@@ -121,7 +125,7 @@ func StartLocalWith(ctx context.Context, dir string, log *slog.Logger, opts Loca
 // startGateway builds the gateway and serves it on ln.
 func (s *Stack) startGateway(ln net.Listener) error {
 	gw, err := gwserver.New(gwserver.Config{PKIDir: s.PKI, Provisioning: s.Provisioning, TelemetrySink: s.Sink, MetricsListen: "off",
-		Listen: "127.0.0.1:0", ConnPerSecondPerAddr: s.opts.ConnPerSecondPerAddr, PlaintextTelemetry: s.opts.PlaintextTelemetry}, s.log.With("service", "gateway"))
+		Listen: "127.0.0.1:0", ConnPerSecondPerAddr: s.opts.ConnPerSecondPerAddr, PlaintextTelemetry: s.opts.PlaintextTelemetry, RequireTPM: s.opts.RequireTPM}, s.log.With("service", "gateway"))
 	if err != nil {
 		ln.Close()
 		return fmt.Errorf("gateway: %w", err)
@@ -244,6 +248,13 @@ func (s *Stack) adminCall(ctx context.Context, path string, in any, what string)
 // gateway hears of it on the revocation feed.
 func (s *Stack) Revoke(ctx context.Context, id string) error {
 	_, err := s.adminCall(ctx, "/admin/v1/devices/"+id+"/revoke", map[string]string{"reason": "keyCompromise"}, "revoking "+id)
+	return err
+}
+
+// AllowEK adds an EK hash (SHA-256 of its SubjectPublicKeyInfo) to the
+// provisioning service's allowlist through the admin API.
+func (s *Stack) AllowEK(ctx context.Context, hash []byte) error {
+	_, err := s.adminCall(ctx, "/admin/v1/eks", map[string]any{"hashes": []string{hex.EncodeToString(hash)}, "label": "fleet simulator"}, "allowing an EK")
 	return err
 }
 

@@ -71,6 +71,13 @@ type RunConfig struct {
 	AttackEnv AttackEnv
 	// Dir holds the devices' state directories.
 	Dir string
+	// TPM, with enrollment, makes each device's key in a simulated TPM and
+	// enrolls it through TPM attestation: "sim", the in-process TPM
+	// simulator, whose endorsement seed is changed for each device so that
+	// each has an EK of its own. AllowEK adds each EK to the provisioning
+	// service's allowlist first (as a factory imports its TPMs' EKs).
+	TPM     string
+	AllowEK func(ctx context.Context, ekHash []byte) error
 	// Identities, if set (one per device, from Fleet.Mint), replace
 	// enrollment: the devices connect with them at once.
 	Identities []*agent.Credentials
@@ -139,6 +146,9 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 	}
 	if cfg.Identities != nil && len(cfg.Identities) != cfg.Devices {
 		return nil, fmt.Errorf("%d identities for %d devices", len(cfg.Identities), cfg.Devices)
+	}
+	if cfg.TPM != "" && (cfg.TPM != "sim" || cfg.Identities != nil || cfg.AllowEK == nil) {
+		return nil, fmt.Errorf("--tpm: only \"sim\" (the in-process simulator), with --identities enroll and a provisioning admin to allow each EK (--local)")
 	}
 	switch cfg.Target {
 	case "":

@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -152,4 +153,60 @@ func mint(t *testing.T, s *Stack, n int) []*agent.Credentials {
 		t.Fatal(err)
 	}
 	return ids
+}
+
+// TestRunTPM: devices whose keys live in the simulated TPM enroll through
+// TPM attestation, each with an EK of its own put on the allowlist first,
+// and connect to a gateway that admits only TPM-bound devices. Without the
+// allowlist entry, attestation refuses them.
+func TestRunTPM(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs the whole stack")
+	}
+	s, err := StartLocalWith(t.Context(), t.TempDir(), nil, LocalOptions{RequireTPM: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Stop() })
+	tok, err := s.Token(t.Context(), "sim-", 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ekMu sync.Mutex
+	eks := map[string]bool{}
+	allow := func(ctx context.Context, hash []byte) error {
+		ekMu.Lock()
+		eks[string(hash)] = true
+		ekMu.Unlock()
+		return s.AllowEK(ctx, hash)
+	}
+	cfg := RunConfig{Devices: 4, Rate: 20, Duration: time.Second, Interval: 200 * time.Millisecond, TPM: "sim", AllowEK: allow,
+		Provisioning: s.Provisioning, Gateway: s.Gateway, RootCAs: s.RootCAs, Token: tok, Sink: s.Sink, Dir: t.TempDir()}
+	sum, err := Run(t.Context(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sum.Connected != 4 || len(sum.Problems) > 0 || sum.InSink != sum.Published || sum.Published == 0 {
+		t.Fatalf("summary: %+v", sum)
+	}
+	if len(eks) != 4 {
+		t.Fatalf("%d distinct EKs for 4 devices", len(eks))
+	}
+	// An EK that is not on the allowlist: attestation refuses the device.
+	cfg.AllowEK = func(context.Context, []byte) error { return nil }
+	cfg.Devices, cfg.Dir = 1, t.TempDir()
+	sum, err = Run(t.Context(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sum.Connected != 0 || len(sum.Problems) == 0 {
+		t.Fatalf("a device with an unknown EK got in: %+v", sum)
+	}
+	var refused bool
+	for reason := range sum.Errors {
+		refused = refused || strings.Contains(reason, "enroll")
+	}
+	if !refused {
+		t.Fatalf("errors: %v; want the enrollment refused", sum.Errors)
+	}
 }

@@ -3,6 +3,7 @@ package simulator
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/binary"
@@ -18,6 +19,8 @@ import (
 	"syscall"
 	"time"
 
+	"fleetkey.dev/certs/tpm"
+	_ "fleetkey.dev/certs/tpm/tpmsim" // --tpm sim
 	"fleetkey.dev/device-agent/agent"
 	"fleetkey.dev/sessionkey"
 )
@@ -99,6 +102,8 @@ type fleet struct {
 	keep    time.Duration
 	readers sync.WaitGroup
 	workers sync.WaitGroup
+	tpmMu   sync.Mutex
+	tpmDev  *tpm.Device // --tpm: the simulated TPM all devices share
 }
 
 type vdevKey struct{}
@@ -151,6 +156,9 @@ func (f *fleet) close() {
 	f.readers.Wait()
 	close(f.work)
 	f.workers.Wait()
+	if f.tpmDev != nil {
+		f.tpmDev.Close()
+	}
 }
 
 // start brings device v up at its intended time: enrollment if it has
@@ -201,7 +209,48 @@ func (f *fleet) acquire() func() {
 }
 
 func (v *vdev) enroll() (*agent.Credentials, error) {
+	if v.f.cfg.TPM != "" {
+		return v.f.enrollTPM(v.id)
+	}
 	return enrollDevice(v.f.ctx, v.f.cfg, filepath.Join(v.f.cfg.Dir, v.id), v.id)
+}
+
+// enrollTPM enrolls device id through TPM attestation on the simulated
+// TPM: a new endorsement seed (so a new EK, as another TPM would have),
+// the EK on the allowlist, then the agent's own attested enrollment. One
+// TPM attests one device at a time.
+func (f *fleet) enrollTPM(id string) (*agent.Credentials, error) {
+	f.tpmMu.Lock()
+	defer f.tpmMu.Unlock()
+	if f.tpmDev == nil {
+		d, err := tpm.Open(f.cfg.TPM)
+		if err != nil {
+			return nil, err
+		}
+		f.tpmDev = d
+	}
+	if err := f.tpmDev.ChangeEndorsementSeed(); err != nil {
+		return nil, err
+	}
+	ek, err := f.tpmDev.EK()
+	if err != nil {
+		return nil, err
+	}
+	spki, err := x509.MarshalPKIXPublicKey(ek.Key)
+	if err != nil {
+		return nil, err
+	}
+	hash := sha256.Sum256(spki)
+	ctx, cancel := context.WithTimeout(f.ctx, 30*time.Second)
+	defer cancel()
+	if err := f.cfg.AllowEK(ctx, hash[:]); err != nil {
+		return nil, fmt.Errorf("allowing the EK: %w", err)
+	}
+	st := &agent.State{Dir: filepath.Join(f.cfg.Dir, id), TPMDevice: f.tpmDev}
+	if _, err := st.Enroll(ctx, agent.EnrollOptions{Provisioning: f.cfg.Provisioning, RootCAs: f.cfg.RootCAs, Token: f.cfg.Token, ID: id, TPM: f.cfg.TPM}); err != nil {
+		return nil, err
+	}
+	return st.LoadCredentials()
 }
 
 // enrollDevice enrolls device id over EST, as the agent does, with its

@@ -254,3 +254,32 @@ func (d *Device) ActivateCredential(ak *KeyBlob, idObject, encSecret []byte) ([]
 	}
 	return rsp.CertInfo.Buffer, nil
 }
+
+// ChangeEndorsementSeed has the TPM replace its endorsement primary seed
+// (TPM2_ChangeEPS, with the platform hierarchy's empty password): from
+// then on it has a new EK, as if it were another TPM. Keys under the SRK
+// are not affected. Only a TPM whose platform hierarchy is open (a
+// simulator, or one on a manufacturing line before the firmware closes it)
+// accepts it; the fleet simulator uses it so that one simulated TPM can
+// attest many virtual devices, each with an EK of its own.
+func (d *Device) ChangeEndorsementSeed() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	// go-tpm has no ChangeEPS: the command is small enough to write out.
+	// tag ST_SESSIONS, size, TPM_CC_ChangeEPS, TPM_RH_PLATFORM, then one
+	// password session (TPM_RS_PW, empty nonce, continueSession, empty
+	// password).
+	cmd := []byte{0x80, 0x02, 0, 0, 0, 27, 0, 0, 0x01, 0x24, 0x40, 0, 0, 0x0c,
+		0, 0, 0, 9, 0x40, 0, 0, 0x09, 0, 0, 0x01, 0, 0}
+	rsp, err := d.t.Send(cmd)
+	if err != nil {
+		return fmt.Errorf("TPM: ChangeEPS: %w", err)
+	}
+	if len(rsp) < 10 {
+		return fmt.Errorf("TPM: ChangeEPS: a %d-byte response", len(rsp))
+	}
+	if rc := uint32(rsp[6])<<24 | uint32(rsp[7])<<16 | uint32(rsp[8])<<8 | uint32(rsp[9]); rc != 0 {
+		return fmt.Errorf("TPM: ChangeEPS refused (response code 0x%x): the platform hierarchy is closed on this TPM", rc)
+	}
+	return nil
+}

@@ -3,6 +3,7 @@ package tpm_test
 import (
 	"crypto"
 	"crypto/x509"
+	"strings"
 	"testing"
 
 	"fleetkey.dev/certs/tpm"
@@ -61,4 +62,22 @@ func TestSWTPMOverTCP(t *testing.T) {
 	}
 	defer d.Close()
 	testSignerAndAttestation(t, d)
+}
+
+// TestChangeEndorsementSeedRefused: a TPM whose platform hierarchy is
+// closed (as firmware leaves a real one) refuses, with a reason.
+func TestChangeEndorsementSeedRefused(t *testing.T) {
+	spec := tpmsim.StartSWTPM(t, false)
+	d, err := tpm.Open(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if err := d.DisablePlatformHierarchy(); err != nil {
+		t.Fatal(err)
+	}
+	err = d.ChangeEndorsementSeed()
+	if err == nil || !strings.Contains(err.Error(), "platform hierarchy is closed") {
+		t.Fatalf("ChangeEPS on a closed platform hierarchy: %v", err)
+	}
 }

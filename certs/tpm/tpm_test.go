@@ -186,3 +186,36 @@ func TestMTLSWithTPMKey(t *testing.T) {
 		}
 	}
 }
+
+// TestChangeEndorsementSeed: a new endorsement seed gives the TPM a new
+// EK, and keys made under the SRK before it still sign.
+func TestChangeEndorsementSeed(t *testing.T) {
+	d := openSim(t)
+	key, pub, err := d.CreateDeviceKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, err := d.EK()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.ChangeEndorsementSeed(); err != nil {
+		t.Fatal(err)
+	}
+	after, err := d.EK()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(before.Public, after.Public) {
+		t.Fatal("the EK did not change with the endorsement seed")
+	}
+	s, err := d.Signer(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("after ChangeEPS"))
+	sig, err := s.Sign(rand.Reader, digest[:], crypto.SHA256)
+	if err != nil || !ecdsa.VerifyASN1(pub, digest[:], sig) {
+		t.Fatalf("a device key made before ChangeEPS no longer signs: %v", err)
+	}
+}

@@ -22,6 +22,7 @@ import (
 
 	"fleetkey.dev/certs/identity"
 	"fleetkey.dev/certs/keyfile"
+	"fleetkey.dev/certs/tpm"
 	"fleetkey.dev/certs/trust"
 )
 
@@ -51,7 +52,11 @@ type State struct {
 	// TPM overrides the TPM recorded at enrollment for a TPM-bound key
 	// (the same TPM by another path, e.g. after a reboot renamed it).
 	TPM string
-	mu  sync.Mutex
+	// TPMDevice, if set, is the open TPM to use (not closed by the state):
+	// the fleet simulator's virtual devices share one simulated TPM, which
+	// holds one SRK for all of them.
+	TPMDevice *tpm.Device
+	mu        sync.Mutex
 }
 
 func (s *State) path(name string) string { return filepath.Join(s.Dir, name) }

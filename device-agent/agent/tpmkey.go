@@ -46,16 +46,29 @@ func (s *State) loadTPMKey(spec string) (*tpm.Signer, io.Closer, error) {
 	if spec == "" {
 		spec = kf.TPM
 	}
-	d, err := tpm.Open(spec)
+	d, closer, err := s.openTPM(spec)
 	if err != nil {
 		return nil, nil, err
 	}
 	signer, err := d.Signer(&tpm.KeyBlob{Public: kf.Public, Private: kf.Private})
 	if err != nil {
-		d.Close()
+		closer.Close()
 		return nil, nil, fmt.Errorf("%s: %w", s.path(TPMKeyFile), err)
 	}
-	return signer, d, nil
+	return signer, closer, nil
+}
+
+// openTPM opens the TPM spec names, or returns the shared TPMDevice with
+// a closer that leaves it open.
+func (s *State) openTPM(spec string) (*tpm.Device, io.Closer, error) {
+	if s.TPMDevice != nil {
+		return s.TPMDevice, io.NopCloser(nil), nil
+	}
+	d, err := tpm.Open(spec)
+	if err != nil {
+		return nil, nil, err
+	}
+	return d, d, nil
 }
 
 // attestation API messages (provisioning/attest).
@@ -91,11 +104,11 @@ type attestResult struct {
 // tie the AK to it, and has the AK certify the key before it issues a
 // TPM-bound certificate.
 func (s *State) enrollTPM(ctx context.Context, o EnrollOptions, client *http.Client, base string, bundle *trust.Bundle) (*x509.Certificate, error) {
-	d, err := tpm.Open(o.TPM)
+	d, closer, err := s.openTPM(o.TPM)
 	if err != nil {
 		return nil, err
 	}
-	defer d.Close()
+	defer closer.Close()
 	ek, err := d.EK()
 	if err != nil {
 		return nil, err

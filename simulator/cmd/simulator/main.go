@@ -155,6 +155,7 @@ func run(ctx context.Context, args []string) error {
 	jsonOut := fs.String("json", "", "write the summary as JSON here (- for stdout)")
 	htmlOut := fs.String("report", "", "write the HTML report here (default DIR/report.html)")
 	idents := fs.String("identities", "enroll", "enroll (EST, through provisioning) or fast (minted from the fleet CA in --pki, cached)")
+	tpmSpec := fs.String("tpm", "", "sim: keys in a simulated TPM, enrolled through TPM attestation (with --local and --identities enroll)")
 	pkiDir := fs.String("pki", "", "the fleet PKI directory: --identities fast, attacks, and the service credential without --local")
 	cacheDir := fs.String("identity-cache", "", "where --identities fast keeps what it minted (default the user cache dir)")
 	attackSpec := fs.String("attack", "", "attacks: all, or a list of "+strings.Join(simulator.AttackNames(), ", ")+" (NAME:TRIES)")
@@ -225,7 +226,7 @@ func run(ctx context.Context, args []string) error {
 		return err
 	}
 	cfg := simulator.RunConfig{Devices: *devices, Rate: *rate, Schedule: sched, MaxHandshakes: *maxHS, Duration: *duration, Interval: *interval, Payload: *payload,
-		Target: simulator.Target(*target), AtMostOnce: *qos == 0, Channel: *channel, CommandRate: *cmdRate, Attacks: attacks,
+		Target: simulator.Target(*target), TPM: *tpmSpec, AtMostOnce: *qos == 0, Channel: *channel, CommandRate: *cmdRate, Attacks: attacks,
 		Suite: sessionkey.Suite(*suite), Rotation: sessionkey.Rotation{EpochEvery: *epochEvery, GenerationEvery: *genEvery}, Dir: filepath.Join(d, "devices"), Progress: os.Stderr}
 	var restart func() error
 	var revoke simulator.Revoker
@@ -233,7 +234,7 @@ func run(ctx context.Context, args []string) error {
 		// --target mqtt: the gateway with fkx1 off (plaintext_telemetry),
 		// relaying devices' records to fleet/telemetry/ for services.
 		plain := cfg.Target == simulator.TargetMQTT
-		s, err := simulator.StartLocalWith(ctx, d, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})), simulator.LocalOptions{PlaintextTelemetry: plain})
+		s, err := simulator.StartLocalWith(ctx, d, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})), simulator.LocalOptions{PlaintextTelemetry: plain, RequireTPM: *tpmSpec != ""})
 		if err != nil {
 			return err
 		}
@@ -248,6 +249,7 @@ func run(ctx context.Context, args []string) error {
 		fmt.Fprintf(os.Stderr, "stack up: provisioning %s, gateway %s, state in %s\n", s.Provisioning, s.Gateway, d)
 		*pkiDir = s.PKI
 		restart, revoke = s.RestartGateway, s.Revoke
+		cfg.AllowEK = s.AllowEK
 		cfg.AttackEnv.Refusals = s.Refusals
 	} else {
 		if *gw == "" || *caFile == "" {
