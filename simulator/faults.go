@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"strconv"
 	"strings"
@@ -26,27 +27,9 @@ type FleetControl struct{ f *fleet }
 
 var errDropped = errors.New("cut by a fault drill")
 
-// Drop cuts the connections of a random fraction of the connected
-// devices; they reconnect after their backoff, handshake again and resend
-// what was not acknowledged. It returns how many it cut.
-func (fc *FleetControl) Drop(fraction float64) int {
-	n := 0
-	for _, v := range fc.f.devs {
-		if rand.Float64() >= fraction {
-			continue
-		}
-		v.mu.Lock()
-		c, g := v.conn, v.gen
-		v.mu.Unlock()
-		if c != nil {
-			v.lost(g, errDropped)
-			n++
-		}
-	}
-	return n
-}
-
-// DropN cuts the connections of n random devices that are ready.
+// DropN cuts the connections of n random devices that are ready; they
+// reconnect after their backoff, handshake again and resend what was not
+// acknowledged. It returns how many it cut.
 func (fc *FleetControl) DropN(n int) int {
 	var ready []*vdev
 	for _, v := range fc.f.devs {
@@ -256,7 +239,8 @@ func (fs FaultSpec) Fault(restart func() error, revoke Revoker) (Fault, error) {
 	case "storm":
 		f.Name = fmt.Sprintf("reconnect storm %.0f%%", fs.Fraction*100)
 		f.Do = func(_ context.Context, fc *FleetControl) (string, error) {
-			return fmt.Sprintf("%d connections cut at once", fc.Drop(fs.Fraction)), nil
+			n := int(math.Round(fs.Fraction * float64(len(fc.Connected()))))
+			return fmt.Sprintf("%d connections cut at once", fc.DropN(n)), nil
 		}
 	case "revoke":
 		if revoke == nil {
