@@ -425,7 +425,7 @@ func attackOnce(ctx context.Context, cfg *RunConfig, name, self, victim string, 
 		return false, fmt.Sprintf("suback: granted qos %v", p.body[2:]), nil
 	case "acl-publish":
 		// Forge a delivered record, and write on another device's topic.
-		for j, topic := range []string{"fleet/telemetry/" + victim + "/" + cfg.Channel, "devices/" + victim + "/up/" + cfg.Channel} {
+		for j, topic := range []string{"fleet/telemetry/" + victim + "/" + cfg.channels[0], "devices/" + victim + "/up/" + cfg.channels[0]} {
 			acked, err := a.publishWait(topic, attackBody(marker, try), uint16(10+j), nil)
 			if err != nil {
 				return true, reasonOf("publish", err), nil
@@ -459,15 +459,15 @@ func attackOnce(ctx context.Context, cfg *RunConfig, name, self, victim string, 
 			return false, "", fmt.Errorf("the attacker's fkx1 handshake (%d answers refused): %w", dev.Stats.KexRefused.Load(), err)
 		}
 	}
-	env1, err := link.Seal(cfg.Channel, uint64(time.Now().UnixMicro()), uint64(time.Now().UnixMilli()), attackBody(marker-genuineOffset, try))
+	env1, err := link.Seal(cfg.channels[0], uint64(time.Now().UnixMicro()), uint64(time.Now().UnixMilli()), attackBody(marker-genuineOffset, try))
 	if err != nil {
 		return false, "", err
 	}
-	if ok, err := a.publishWait(dev.Topic("up/"+cfg.Channel), env1, 200, nil); err != nil || !ok {
+	if ok, err := a.publishWait(dev.Topic("up/"+cfg.channels[0]), env1, 200, nil); err != nil || !ok {
 		return false, "", fmt.Errorf("the attacker's genuine record was not acknowledged: %v", err)
 	}
 	if name == "replayed-envelope" {
-		acked, err := a.publishWait(dev.Topic("up/"+cfg.Channel), env1, 201, nil)
+		acked, err := a.publishWait(dev.Topic("up/"+cfg.channels[0]), env1, 201, nil)
 		if err != nil {
 			return true, reasonOf("replay", err), nil
 		}
@@ -478,12 +478,12 @@ func attackOnce(ctx context.Context, cfg *RunConfig, name, self, victim string, 
 	}
 	// A fresh envelope (an unused seq: a replayed one is caught before
 	// its tag is checked), one bit of its tag flipped.
-	bad, err := link.Seal(cfg.Channel, uint64(time.Now().UnixMicro()), uint64(time.Now().UnixMilli()), attackBody(marker, try))
+	bad, err := link.Seal(cfg.channels[0], uint64(time.Now().UnixMicro()), uint64(time.Now().UnixMilli()), attackBody(marker, try))
 	if err != nil {
 		return false, "", err
 	}
 	bad[len(bad)-1] ^= 0x01
-	acked, err := a.publishWait(dev.Topic("up/"+cfg.Channel), bad, 202, nil)
+	acked, err := a.publishWait(dev.Topic("up/"+cfg.channels[0]), bad, 202, nil)
 	if err != nil {
 		return true, reasonOf("tampered", err), nil
 	}

@@ -50,7 +50,11 @@ func reportOf(sum *Summary, cfg *RunConfig, slos []SLO) *report.Report {
 	kv(&r.Config, "arrival rate", fmt.Sprintf("%g/s", cfg.Rate))
 	kv(&r.Config, "max handshakes in flight", cfg.MaxHandshakes)
 	kv(&r.Config, "identities", identities)
-	kv(&r.Config, "telemetry", fmt.Sprintf("every %s, %d B, QoS %d, channel %s, for %s", cfg.Interval, cfg.Payload, map[bool]int{false: 1, true: 0}[cfg.AtMostOnce], cfg.Channel, cfg.Duration))
+	size := fmt.Sprintf("%d B", max(cfg.Payload, bodyHeader))
+	if cfg.Template != "" {
+		size = "template " + cfg.Template
+	}
+	kv(&r.Config, "telemetry", fmt.Sprintf("every %s, %s, QoS %d, channels %s, for %s", cfg.Interval, size, map[bool]int{false: 1, true: 0}[cfg.AtMostOnce], cfg.Channel, cfg.Duration))
 	if cfg.Target == TargetFleetkey {
 		kv(&r.Config, "fkx1", fmt.Sprintf("suite %d, epoch every %s, generation every %s", cfg.Suite, orDefault(cfg.Rotation.EpochEvery.String(), "1h"), orDefault(cfg.Rotation.GenerationEvery.String(), "10m")))
 	}

@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"fleetkey.dev/certs/identity"
 	"fleetkey.dev/certs/trust"
 	"fleetkey.dev/device-agent/agent"
 	"fleetkey.dev/sessionkey"
@@ -50,10 +51,16 @@ type RunConfig struct {
 	Target Target
 	// Bundle authenticates the gateway as the fleet's (TargetFleetkey).
 	Bundle *trust.Bundle
-	// AtMostOnce sends telemetry at QoS 0 (default QoS 1). Channel:
+	// AtMostOnce sends telemetry at QoS 0 (default QoS 1). Channel is
+	// one channel or a comma-separated list the records take in turn;
 	// default "telemetry".
 	AtMostOnce bool
-	Channel    string
+	// Template, if set, is each record's body after its 16-byte header,
+	// with {{device}}, {{seq}} and {{unix_ms}} filled in; otherwise the
+	// body is Payload bytes.
+	Template string
+	channels []string
+	Channel  string
 	// Service, if set, is a service credential: the run subscribes to the
 	// records it delivers (end-to-end latency, loss at the receiver) and
 	// sends commands with it.
@@ -159,6 +166,15 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 	}
 	if cfg.Channel == "" {
 		cfg.Channel = "telemetry"
+	}
+	for c := range strings.SplitSeq(cfg.Channel, ",") {
+		if c == sessionkey.KexChannel || identity.ValidateID(c) != nil {
+			return nil, fmt.Errorf("channel %q: one topic level of letters, digits, '.', '_' and '-', and not %q", c, sessionkey.KexChannel)
+		}
+		cfg.channels = append(cfg.channels, c)
+	}
+	if len(cfg.Template) > 60_000 {
+		return nil, fmt.Errorf("a payload template of %d bytes: the limit is 60,000", len(cfg.Template))
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)

@@ -54,9 +54,13 @@ func startReceiver(ctx context.Context, cfg *RunConfig, m *meter) (*receiver, er
 		SetTLSConfig(&tls.Config{MinVersion: tls.VersionTLS12, ServerName: host, RootCAs: cfg.RootCAs, Certificates: []tls.Certificate{*cfg.Service}}).
 		SetProtocolVersion(4).SetCleanSession(true).SetAutoReconnect(true).SetConnectRetry(true).SetConnectRetryInterval(time.Second).
 		SetConnectTimeout(10 * time.Second).SetKeepAlive(30 * time.Second).SetOrderMatters(false).SetMaxResumePubInFlight(1024)
-	topic := "fleet/telemetry/+/" + cfg.Channel
+	ch := cfg.channels[0]
+	if len(cfg.channels) > 1 {
+		ch = "+"
+	}
+	topic := "fleet/telemetry/+/" + ch
 	if cfg.Target == TargetMQTT {
-		topic = "devices/+/up/" + cfg.Channel
+		topic = "devices/+/up/" + ch
 	}
 	if cfg.ServiceTopic != "" {
 		topic = cfg.ServiceTopic

@@ -14,6 +14,7 @@ import (
 	"net"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -605,18 +606,16 @@ func (v *vdev) flush() {
 	if f.cfg.AtMostOnce {
 		qos = 0
 	}
-	body := make([]byte, max(f.cfg.Payload, bodyHeader))
 	for i := range v.pend {
 		r := &v.pend[i]
 		if r.sent {
 			continue
 		}
-		binary.BigEndian.PutUint64(body, uint64(r.at))
-		binary.BigEndian.PutUint32(body[8:], uint32(v.idx))
-		binary.BigEndian.PutUint32(body[12:], r.seq)
+		body := v.body(r)
+		channel := f.cfg.channels[int(r.seq)%len(f.cfg.channels)]
 		payload := body
 		if f.cfg.Target == TargetFleetkey {
-			env, err := v.link.Seal(f.cfg.Channel, f.recBase+uint64(r.seq), uint64(r.at/1e6), body)
+			env, err := v.link.Seal(channel, f.recBase+uint64(r.seq), uint64(r.at/1e6), body)
 			if errors.Is(err, sessionkey.ErrNeedEpoch) {
 				return
 			}
@@ -626,7 +625,7 @@ func (v *vdev) flush() {
 			}
 			payload = env
 		}
-		pid, err := v.sendPID(v.upTopic(), payload, qos)
+		pid, err := v.sendPID("devices/"+v.id+"/up/"+channel, payload, qos)
 		if err != nil {
 			c, g := v.conn, v.gen
 			_ = c.SetDeadline(time.Now())
@@ -643,7 +642,23 @@ func (v *vdev) flush() {
 	}
 }
 
-func (v *vdev) upTopic() string { return "devices/" + v.id + "/up/" + v.f.cfg.Channel }
+// body is record r's body: the header the receiving side measures with,
+// then the template filled in, or Payload bytes in all.
+func (v *vdev) body(r *pendingRec) []byte {
+	var b []byte
+	if t := v.f.cfg.Template; t != "" {
+		t = strings.ReplaceAll(t, "{{device}}", v.id)
+		t = strings.ReplaceAll(t, "{{seq}}", strconv.FormatUint(uint64(r.seq), 10))
+		t = strings.ReplaceAll(t, "{{unix_ms}}", strconv.FormatInt(r.at/1e6, 10))
+		b = append(make([]byte, bodyHeader, bodyHeader+len(t)), t...)
+	} else {
+		b = make([]byte, max(v.f.cfg.Payload, bodyHeader))
+	}
+	binary.BigEndian.PutUint64(b, uint64(r.at))
+	binary.BigEndian.PutUint32(b[8:], uint32(v.idx))
+	binary.BigEndian.PutUint32(b[12:], r.seq)
+	return b
+}
 
 // stop closes the device for good.
 func (v *vdev) stop() {

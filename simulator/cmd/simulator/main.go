@@ -147,7 +147,8 @@ func run(ctx context.Context, args []string) error {
 	interval := fs.Duration("interval", time.Second, "publish interval")
 	payload := fs.Int("payload", 64, "record body bytes")
 	qos := fs.Int("qos", 1, "telemetry QoS, 0 or 1")
-	channel := fs.String("channel", "telemetry", "telemetry channel")
+	channel := fs.String("channel", "telemetry", "telemetry channel, or a comma-separated list the records take in turn")
+	template := fs.String("template", "", "record body after its 16-byte header, with {{device}}, {{seq}}, {{unix_ms}} (instead of --payload bytes)")
 	suite := fs.Int("suite", 1, "fkx1 suite")
 	epochEvery := fs.Duration("epoch-every", 0, "new handshake interval")
 	genEvery := fs.Duration("generation-every", 0, "new key generation interval")
@@ -226,7 +227,7 @@ func run(ctx context.Context, args []string) error {
 		return err
 	}
 	cfg := simulator.RunConfig{Devices: *devices, Rate: *rate, Schedule: sched, MaxHandshakes: *maxHS, Duration: *duration, Interval: *interval, Payload: *payload,
-		Target: simulator.Target(*target), TPM: *tpmSpec, AtMostOnce: *qos == 0, Channel: *channel, CommandRate: *cmdRate, Attacks: attacks,
+		Target: simulator.Target(*target), TPM: *tpmSpec, AtMostOnce: *qos == 0, Channel: *channel, Template: *template, CommandRate: *cmdRate, Attacks: attacks,
 		Suite: sessionkey.Suite(*suite), Rotation: sessionkey.Rotation{EpochEvery: *epochEvery, GenerationEvery: *genEvery}, Dir: filepath.Join(d, "devices"), Progress: os.Stderr}
 	var restart func() error
 	var revoke simulator.Revoker
@@ -244,7 +245,7 @@ func run(ctx context.Context, args []string) error {
 		}
 		cfg.Provisioning, cfg.Gateway, cfg.RootCAs, cfg.Sink = s.Provisioning, s.Gateway, s.RootCAs, s.Sink
 		if plain {
-			cfg.Sink, cfg.ServiceTopic = "", "fleet/telemetry/+/"+*channel
+			cfg.Sink, cfg.ServiceTopic = "", "fleet/telemetry/+/+"
 		}
 		fmt.Fprintf(os.Stderr, "stack up: provisioning %s, gateway %s, state in %s\n", s.Provisioning, s.Gateway, d)
 		*pkiDir = s.PKI
