@@ -89,7 +89,7 @@ type meter struct {
 	offered, achieved              atomic.Int64 // operations in the current second
 	published, acked, received     atomic.Int64
 	connects, handshakes, commands atomic.Int64
-	revokedDropped                 atomic.Int64
+	revokedDropped, outboxDropped  atomic.Int64
 
 	seriesMu sync.Mutex
 	series   Series

@@ -115,6 +115,10 @@ type Summary struct {
 	// acknowledged before the gateway cut them off: not counted as
 	// published (the gateway may have stored some of them).
 	RevokedDropped int64 `json:"revoked_dropped,omitempty"`
+	// OutboxDropped are records the devices dropped, oldest first, when
+	// 1,024 were waiting for their acknowledgement (the broker not keeping
+	// up); not counted as published. Any is a problem.
+	OutboxDropped int64 `json:"outbox_dropped,omitempty"`
 	// Enroll and ready (the first fkx1 epoch, or CONNACK for TargetMQTT)
 	// p50 and p99, kept from the first version of the summary.
 	EnrollP50MS float64 `json:"enroll_p50_ms"`
@@ -295,7 +299,7 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 	}
 	sum := &Summary{Target: cfg.Target, Devices: cfg.Devices, Started: start, Seconds: time.Since(start).Seconds(),
 		Connects: m.connects.Load(), Handshakes: m.handshakes.Load(), Published: m.published.Load(), Acked: m.acked.Load(),
-		Received: m.received.Load(), Commands: m.commands.Load(), RevokedDropped: m.revokedDropped.Load(), Faults: faults.wait(), Attacks: attacks.wait(),
+		Received: m.received.Load(), Commands: m.commands.Load(), RevokedDropped: m.revokedDropped.Load(), OutboxDropped: m.outboxDropped.Load(), Faults: faults.wait(), Attacks: attacks.wait(),
 		Phases: m.stats(), Errors: m.errorCounts(), Series: m.seriesCopy()}
 	if e, ok := sum.Phases[PhaseEnroll]; ok {
 		sum.Enrolled = int(e.Count)
@@ -355,6 +359,9 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 		} else {
 			sum.Problems = append(sum.Problems, msg)
 		}
+	}
+	if sum.OutboxDropped > 0 {
+		sum.Problems = append(sum.Problems, fmt.Sprintf("the devices dropped %d records from full outboxes: the broker did not keep up with the offered load", sum.OutboxDropped))
 	}
 	if sum.Lost > 0 {
 		sum.Problems = append(sum.Problems, fmt.Sprintf("%d records lost", sum.Lost))

@@ -14,6 +14,7 @@ import (
 	"net"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -577,8 +578,12 @@ func (v *vdev) tick() {
 		f.m.published.Add(1)
 		v.seq++
 		if len(v.pend) >= maxPending {
+			// The device's outbox is full (the broker is not keeping up):
+			// the oldest record is dropped on the device, as the agent's
+			// drop-oldest policy would; counted apart from loss.
 			v.pend = v.pend[1:]
-			f.m.fail("outbox full: oldest record dropped")
+			f.m.published.Add(-1)
+			f.m.outboxDropped.Add(1)
 		}
 		v.pend = append(v.pend, pendingRec{seq: v.seq, at: intended.UnixNano()})
 		v.flush()
@@ -605,6 +610,11 @@ func (v *vdev) flush() {
 	qos := byte(1)
 	if f.cfg.AtMostOnce {
 		qos = 0
+		// What went at QoS 0 is gone, however the loop ends: an early
+		// return must not leave it to be sent again.
+		defer func() {
+			v.pend = slices.DeleteFunc(v.pend, func(r pendingRec) bool { return r.sent })
+		}()
 	}
 	for i := range v.pend {
 		r := &v.pend[i]
@@ -636,9 +646,6 @@ func (v *vdev) flush() {
 		if qos == 0 {
 			f.m.achieved.Add(1)
 		}
-	}
-	if qos == 0 {
-		v.pend = v.pend[:0]
 	}
 }
 
