@@ -34,8 +34,8 @@ func (fc *FleetControl) DropN(n int) int {
 	var ready []*vdev
 	for _, v := range fc.f.devs {
 		v.mu.Lock()
-		if v.ready {
-			ready = append(ready, v)
+		if v.ready && v.revokedAt.IsZero() {
+			ready = append(ready, v) // a revoked device is left to the gateway
 		}
 		v.mu.Unlock()
 	}
@@ -260,11 +260,13 @@ func revokeSome(ctx context.Context, fc *FleetControl, n int, revoke Revoker) (s
 	ids = ids[:min(n, len(ids))]
 	var outs []<-chan struct{}
 	for _, id := range ids {
-		at := time.Now()
+		// Marked first: the gateway may close the connection before the
+		// admin API has answered.
+		out := fc.Revoked(id, time.Now())
 		if err := revoke(ctx, id); err != nil {
 			return "", fmt.Errorf("revoking %s: %w", id, err)
 		}
-		outs = append(outs, fc.Revoked(id, at))
+		outs = append(outs, out)
 	}
 	deadline := time.NewTimer(5 * time.Second)
 	defer deadline.Stop()

@@ -116,7 +116,9 @@ func newMeter(start time.Time) *meter {
 // record adds a latency to phase p.
 func (m *meter) record(p string, d time.Duration) {
 	ph := m.phases[p]
-	us := max(d.Microseconds(), 1)
+	// Clamped to the histogram's range (10 min): a longer wait still
+	// counts, at the top, rather than being dropped.
+	us := min(max(d.Microseconds(), 1), int64(10*time.Minute/time.Microsecond))
 	now := time.Now()
 	ph.mu.Lock()
 	_ = ph.total.RecordValue(us)

@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/bits"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -209,6 +211,7 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 	var recv *receiver
 	if cfg.Service != nil {
 		if recv, err = startReceiver(ctx, &cfg, m); err != nil {
+			f.close()
 			return nil, err
 		}
 		defer recv.stop()
@@ -337,12 +340,15 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 	m.judge(sum)
 	if recv != nil {
 		sum.Duplicated += recv.duplicates()
+		if n := recv.foreignCount(); n > 0 {
+			sum.Notes = append(sum.Notes, fmt.Sprintf("the service received %d records that were not this run's devices' (another publisher, or garbled)", n))
+		}
 		if cfg.Sink == "" && !cfg.AtMostOnce {
 			sum.Lost = max(sum.Published-sum.Received, 0)
 		}
 	}
 	if cfg.Sink != "" {
-		if err := checkSink(cfg.Sink, f.recBase, sum); err != nil {
+		if err := checkSink(cfg.Sink, f.recBase, f.devs, sum); err != nil {
 			return sum, err
 		}
 	}
@@ -422,15 +428,17 @@ func sleepUntil(ctx context.Context, t time.Time) bool {
 	}
 }
 
-// checkSink counts the sink's records of this run's devices (ids from
-// base on): each record published must be there once.
-func checkSink(path string, base uint64, sum *Summary) error {
+// checkSink reads the sink's records of this run's devices (record ids
+// base+seq): each record the gateway acknowledged must be there, once.
+// Records that were never acknowledged (a device revoked, or still
+// waiting at the end) are reported apart.
+func checkSink(path string, base uint64, devs []*vdev, sum *Summary) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	seen := map[[2]any]bool{}
+	stored := make([][]uint64, len(devs)) // per device, bitset of seqs
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -438,16 +446,37 @@ func checkSink(path string, base uint64, sum *Summary) error {
 			Device   string `json:"device"`
 			RecordID uint64 `json:"record_id"`
 		}
-		if json.Unmarshal(sc.Bytes(), &l) != nil || len(l.Device) < 4 || l.Device[:4] != "sim-" || strings.HasPrefix(l.Device, "sim-attacker-") || l.RecordID < base {
+		if json.Unmarshal(sc.Bytes(), &l) != nil || l.RecordID < base || l.RecordID-base > maxSeq {
 			continue
 		}
-		k := [2]any{l.Device, l.RecordID}
-		if seen[k] {
-			sum.Duplicated++
+		num, ok := strings.CutPrefix(l.Device, "sim-")
+		idx, err := strconv.Atoi(num)
+		if !ok || err != nil || idx < 0 || idx >= len(devs) || deviceID(idx) != l.Device {
+			continue // not one of this run's devices (attackers, other runs)
 		}
-		seen[k] = true
+		seq := l.RecordID - base
+		set := stored[idx]
+		if w := int(seq / 64); w >= len(set) {
+			set = append(set, make([]uint64, w+1-len(set))...)
+			stored[idx] = set
+		}
+		if set[seq/64]&(1<<(seq%64)) != 0 {
+			sum.Duplicated++
+			continue
+		}
+		set[seq/64] |= 1 << (seq % 64)
+		sum.InSink++
 	}
-	sum.InSink = int64(len(seen))
-	sum.Lost = max(sum.Published-sum.InSink, 0)
+	for i, v := range devs {
+		v.mu.Lock()
+		for w, acked := range v.ackedSeqs {
+			var have uint64
+			if w < len(stored[i]) {
+				have = stored[i][w]
+			}
+			sum.Lost += int64(bits.OnesCount64(acked &^ have))
+		}
+		v.mu.Unlock()
+	}
 	return sc.Err()
 }

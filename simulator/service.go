@@ -26,13 +26,18 @@ type receiver struct {
 	m   *meter
 	c   paho.Client
 
-	mu     sync.Mutex
-	seen   map[uint32][]uint64 // device index -> bitset of sequences
-	dups   int64
-	leaks  map[uint32]int64 // by attack marker: attackers' records that reached a service
-	stopCh chan struct{}
-	wg     sync.WaitGroup
+	mu      sync.Mutex
+	seen    map[uint32][]uint64 // device index -> bitset of sequences
+	dups    int64
+	foreign int64
+	leaks   map[uint32]int64 // by attack marker: attackers' records that reached a service
+	stopCh  chan struct{}
+	wg      sync.WaitGroup
 }
+
+// maxSeq bounds the sequences the receiver tracks per device (a bitset
+// of 2 MB at most): a run of a record a second lasts 194 days.
+const maxSeq = 1 << 24
 
 // attackerIndex marks the bodies attackers send: any that reaches the
 // receiver is a leak.
@@ -86,6 +91,7 @@ func startReceiver(ctx context.Context, cfg *RunConfig, m *meter) (*receiver, er
 	r.c = paho.NewClient(opts)
 	tok := r.c.Connect()
 	if !tok.WaitTimeout(15*time.Second) || tok.Error() != nil {
+		r.c.Disconnect(0) // stops paho's connect retries
 		return nil, fmt.Errorf("the service client could not connect to %s: %v", cfg.Gateway, tok.Error())
 	}
 	if err := <-subscribed; err != nil {
@@ -114,6 +120,10 @@ func (r *receiver) record(b []byte) {
 		r.leaks[idx]++
 		return
 	}
+	if !genuine && (int(idx) >= r.cfg.Devices || seq > maxSeq) {
+		r.foreign++ // not this run's: another publisher, or garbled
+		return
+	}
 	bits := r.seen[idx]
 	w := int(seq / 64)
 	if w >= len(bits) {
@@ -140,6 +150,12 @@ func (r *receiver) duplicates() int64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.dups
+}
+
+func (r *receiver) foreignCount() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.foreign
 }
 
 func (r *receiver) leakedBy(marker uint32) int64 {

@@ -80,11 +80,15 @@ type vdev struct {
 	revokedAt time.Time
 	out       chan struct{}
 	lastErr   string
+	startAt   time.Time // the device's intended start
+	due       time.Time // when the timer was set to fire
+	pingAt    time.Time // the last PINGREQ
+	ackedSeqs []uint64  // bitset of the sequences acknowledged (QoS 1)
 }
 
 type pendingRec struct {
-	seq  uint32
 	at   int64 // intended send time, Unix ns
+	seq  uint32
 	pid  uint16
 	sent bool
 }
@@ -95,7 +99,7 @@ type fleet struct {
 	ctx     context.Context
 	m       *meter
 	tls     *tls.Config
-	work    chan func() // fkx1 messages and commands: CPU-heavy, off the readers
+	work    []chan func() // fkx1 messages and commands: CPU-heavy, off the readers; one queue per worker, a device always on the same one
 	slots   chan struct{}
 	devs    []*vdev
 	recBase uint64 // record ids are recBase+seq: they rise across runs
@@ -106,6 +110,12 @@ type fleet struct {
 	workers sync.WaitGroup
 	tpmMu   sync.Mutex
 	tpmDev  *tpm.Device // --tpm: the simulated TPM all devices share
+
+	// active counts the start and reconnect callbacks running; close
+	// waits for them before the readers and the workers.
+	lifeMu  sync.Mutex
+	closing bool
+	active  sync.WaitGroup
 }
 
 type vdevKey struct{}
@@ -115,7 +125,7 @@ func newFleet(ctx context.Context, cfg *RunConfig, m *meter, start time.Time) (*
 	if err != nil {
 		return nil, fmt.Errorf("gateway address %q: want host:port", cfg.Gateway)
 	}
-	f := &fleet{cfg: cfg, ctx: ctx, m: m, recBase: uint64(start.UnixMicro()), work: make(chan func(), 4096), dial: cfg.Gateway}
+	f := &fleet{cfg: cfg, ctx: ctx, m: m, recBase: uint64(start.UnixMicro()), dial: cfg.Gateway}
 	// Resolve once: ten thousand devices reconnecting must not each ask
 	// the resolver (TLS still checks the name).
 	if net.ParseIP(host) == nil {
@@ -142,10 +152,12 @@ func newFleet(ctx context.Context, cfg *RunConfig, m *meter, start time.Time) (*
 		f.slots = make(chan struct{}, cfg.MaxHandshakes)
 	}
 	for range max(2, 2*runtimeCPUs()) {
+		q := make(chan func(), 1024)
+		f.work = append(f.work, q)
 		f.workers.Add(1)
 		go func() {
 			defer f.workers.Done()
-			for job := range f.work {
+			for job := range q {
 				job()
 			}
 		}()
@@ -153,20 +165,49 @@ func newFleet(ctx context.Context, cfg *RunConfig, m *meter, start time.Time) (*
 	return f, nil
 }
 
-// close stops the workers once every reader has ended.
+// enter starts a callback (a device's start or reconnect); false once the
+// fleet is closing. The caller calls f.active.Done when it returns.
+func (f *fleet) enter() bool {
+	f.lifeMu.Lock()
+	defer f.lifeMu.Unlock()
+	if f.closing {
+		return false
+	}
+	f.active.Add(1)
+	return true
+}
+
+// close waits for the callbacks still running, then for the readers
+// (every connection is closed by then), then stops the workers.
 func (f *fleet) close() {
+	f.lifeMu.Lock()
+	f.closing = true
+	f.lifeMu.Unlock()
+	f.active.Wait()
 	f.readers.Wait()
-	close(f.work)
+	for _, q := range f.work {
+		close(q)
+	}
 	f.workers.Wait()
+	f.tpmMu.Lock()
 	if f.tpmDev != nil {
 		f.tpmDev.Close()
+		f.tpmDev = nil
 	}
+	f.tpmMu.Unlock()
 }
 
 // start brings device v up at its intended time: enrollment if it has
 // no identity yet, then its connection, then its telemetry timer.
 func (v *vdev) start(intended time.Time) {
 	f := v.f
+	if !f.enter() {
+		return
+	}
+	defer f.active.Done()
+	v.mu.Lock()
+	v.startAt = intended
+	v.mu.Unlock()
 	f.m.offered.Add(1)
 	f.m.record(PhaseLag, time.Since(intended))
 	release := f.acquire()
@@ -189,7 +230,7 @@ func (v *vdev) start(intended time.Time) {
 	// for the connection, so first_ack is the whole way from start to a
 	// stored record.
 	v.mu.Lock()
-	v.nextPub = intended
+	v.nextPub, v.due = intended, time.Now()
 	v.timer = time.AfterFunc(0, v.tick)
 	v.mu.Unlock()
 	v.connect(intended, release)
@@ -334,6 +375,7 @@ func (v *vdev) connect(intended time.Time, release func()) {
 	v.gen++
 	g := v.gen
 	v.conn, v.intended, v.pid = c, intended, 1
+	f.readers.Add(1) // under mu, after the done check: close waits for it
 	v.lastRecv, v.lastSend = time.Now(), time.Now()
 	for i := range v.pend {
 		v.pend[i].sent = false // resent on this connection: the gateway dedupes
@@ -351,10 +393,10 @@ func (v *vdev) connect(intended time.Time, release func()) {
 	v.mu.Unlock()
 	f.m.connected.Add(1)
 	if err != nil {
+		f.readers.Done()
 		v.lost(g, fmt.Errorf("fkx1: %w", err))
 		return
 	}
-	f.readers.Add(1)
 	go v.read(c, br, g)
 }
 
@@ -389,7 +431,7 @@ func (v *vdev) sendPID(topic string, payload []byte, qos byte) (uint16, error) {
 }
 
 // read is the connection's reader: acknowledgements inline, messages for
-// the device (fkx1, commands) to the workers, in order per device.
+// the device (fkx1, commands) to its worker, in order.
 func (v *vdev) read(c *tls.Conn, br *bufio.Reader, g uint32) {
 	defer v.f.readers.Done()
 	for {
@@ -432,7 +474,7 @@ func (v *vdev) read(c *tls.Conn, br *bufio.Reader, g uint32) {
 				v.flush()
 			}
 			select {
-			case v.f.work <- job:
+			case v.f.work[v.idx%len(v.f.work)] <- job:
 			case <-v.f.ctx.Done():
 				return
 			}
@@ -461,7 +503,15 @@ func (v *vdev) acked(g uint32, pid uint16, now time.Time) {
 			f.m.record(PhaseAck, now.Sub(time.Unix(0, r.at)))
 			if !v.firstAck {
 				v.firstAck = true
-				f.m.record(PhaseFirstAck, now.Sub(v.intended))
+				f.m.record(PhaseFirstAck, now.Sub(v.startAt))
+			}
+			w := int(r.seq / 64)
+			if w >= len(v.ackedSeqs) {
+				v.ackedSeqs = append(v.ackedSeqs, make([]uint64, w+1-len(v.ackedSeqs))...)
+			}
+			v.ackedSeqs[w] |= 1 << (r.seq % 64)
+			if len(v.pend) == 0 && cap(v.pend) > 64 {
+				v.pend = nil // an outage's backlog is drained: give back its memory
 			}
 			v.flush()
 			return
@@ -499,6 +549,9 @@ func (v *vdev) lost(g uint32, err error) {
 		v.mu.Unlock()
 		return
 	}
+	// No close_notify wait: a broker that stopped reading must not hold
+	// the lock for the write deadline.
+	_ = v.conn.SetWriteDeadline(time.Now())
 	v.conn.Close()
 	v.conn, v.ready = nil, false
 	if v.link != nil {
@@ -509,7 +562,7 @@ func (v *vdev) lost(g uint32, err error) {
 		v.onReady()
 		v.onReady = nil
 	}
-	if !v.revokedAt.IsZero() && v.out != nil {
+	if !v.revokedAt.IsZero() && v.out != nil && !v.done {
 		v.f.m.record(PhaseRevoked, time.Since(v.revokedAt))
 		v.done = true
 		v.dropPending()
@@ -544,6 +597,10 @@ func (v *vdev) retry() {
 	v.mu.Unlock()
 	at := time.Now().Add(d)
 	time.AfterFunc(d, func() {
+		if !v.f.enter() {
+			return
+		}
+		defer v.f.active.Done()
 		v.f.m.offered.Add(1)
 		v.f.m.record(PhaseLag, time.Since(at))
 		release := v.f.acquire()
@@ -565,15 +622,22 @@ func (v *vdev) tick() {
 	if v.done {
 		return
 	}
-	intended := v.nextPub
-	v.nextPub = intended.Add(f.cfg.Interval)
-	f.m.record(PhaseLag, now.Sub(intended))
+	// The generator's lateness: from when this timer was due.
+	f.m.record(PhaseLag, now.Sub(v.due))
 	if v.link != nil {
 		if err := v.link.Tick(); err != nil {
 			f.m.fail(reasonOf("fkx1", err))
 		}
 	}
-	if intended.Before(f.stopPub) {
+	// Every record now due, on the intended schedule (open model: a late
+	// timer catches up rather than skipping).
+	added := false
+	for !v.nextPub.After(now) {
+		intended := v.nextPub
+		v.nextPub = intended.Add(f.cfg.Interval)
+		if !intended.Before(f.stopPub) {
+			continue
+		}
 		f.m.offered.Add(1)
 		f.m.published.Add(1)
 		v.seq++
@@ -586,18 +650,41 @@ func (v *vdev) tick() {
 			f.m.outboxDropped.Add(1)
 		}
 		v.pend = append(v.pend, pendingRec{seq: v.seq, at: intended.UnixNano()})
+		added = true
+	}
+	if added {
 		v.flush()
 	}
-	if v.conn != nil && now.Sub(v.lastRecv) > f.keep*3/2 {
+	// Keep-alive: a PINGREQ when nothing was sent, or nothing heard, for
+	// half the keep-alive (at QoS 0 a device sends but hears nothing);
+	// the connection is given up after 1.5 keep-alives of silence.
+	switch {
+	case v.conn == nil:
+	case now.Sub(v.lastRecv) > f.keep*3/2:
 		c, g := v.conn, v.gen
 		go v.lost(g, errors.New("keep-alive: nothing from the broker"))
 		_ = c.SetDeadline(now)
-	} else if v.conn != nil && now.Sub(v.lastSend) >= f.keep/2 {
-		v.lastSend = now
+	case now.Sub(v.lastSend) >= f.keep/2 || (now.Sub(v.lastRecv) >= f.keep/2 && !v.pingAt.After(v.lastRecv)):
+		v.lastSend, v.pingAt = now, now
 		_ = v.conn.SetWriteDeadline(now.Add(10 * time.Second))
 		_, _ = v.conn.Write(pingreqPacket)
 	}
-	v.timer.Reset(max(time.Until(v.nextPub), 0))
+	// Next: the next record, or in a second while a handshake is in
+	// flight (its step timeout), or for keep-alive.
+	next := v.nextPub
+	if v.link != nil && v.link.Waiting() {
+		next = minTime(next, now.Add(time.Second))
+	}
+	next = minTime(next, now.Add(f.keep/2))
+	v.due = next
+	v.timer.Reset(max(time.Until(next), 0))
+}
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
 }
 
 // flush sends the records not yet sent on this connection. Caller holds

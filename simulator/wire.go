@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 )
 
 // The few MQTT 3.1.1 packets a virtual device speaks. A real client
@@ -118,9 +119,19 @@ func readPacket(r *bufio.Reader) (packet, error) {
 	if n > maxPacket {
 		return packet{}, fmt.Errorf("mqtt: a packet of %d bytes from the broker (limit %d)", n, maxPacket)
 	}
-	p := packet{typ: h >> 4, flags: h & 0x0f, body: make([]byte, n)}
-	_, err = io.ReadFull(r, p.body)
-	return p, err
+	p := packet{typ: h >> 4, flags: h & 0x0f}
+	// Read in pieces: a broker that announces 64 KB and stalls holds what
+	// it sent, not 64 KB per device.
+	p.body = make([]byte, 0, min(n, 4096))
+	for len(p.body) < n {
+		k := min(n-len(p.body), max(len(p.body), 4096))
+		p.body = slices.Grow(p.body, k)
+		if _, err = io.ReadFull(r, p.body[len(p.body):len(p.body)+k]); err != nil {
+			return p, err
+		}
+		p.body = p.body[:len(p.body)+k]
+	}
+	return p, nil
 }
 
 // publish parses a PUBLISH: its topic, packet id (QoS > 0) and payload.
