@@ -12,7 +12,7 @@ BENCH_COUNT  ?= 6
 BENCH        ?= .
 FUZZTIME     ?= 10s
 
-.PHONY: all help build test lint bench run up fuzz clean tidy
+.PHONY: all help build test lint bench bench-peers run up fuzz clean tidy
 
 all: build
 
@@ -22,6 +22,7 @@ help:
 	@echo "make test    every module's tests, with -race"
 	@echo "make lint    gofmt, go vet, staticcheck $(STATICCHECK_VERSION), go mod tidy -diff"
 	@echo "make bench   benchmarks as one table (BENCH=regexp, BENCH_COUNT=n)"
+	@echo "make bench-peers  the same connect storm and load on the fleetkey gateway (fkx1, plaintext), bare mochi and Mosquitto 2"
 	@echo "make build   the binaries into bin/"
 	@echo "make fuzz    a short run of every fuzz target (FUZZTIME=10s)"
 	@echo "make clean   remove bin/, .tools/ and $(STATE)"
@@ -45,6 +46,9 @@ lint: $(TOOLS)/staticcheck
 
 bench:
 	@$(GO) test -run='^$$' -bench='$(BENCH)' -benchmem -count=$(BENCH_COUNT) $(PKGS) | tee .bench.out | awk -f scripts/benchtable.awk
+
+bench-peers: build
+	bin/simulator bench-peers --dir $(STATE)/bench-peers --json $(STATE)/bench-peers.json
 
 fuzz:
 	@FUZZTIME=$(FUZZTIME) scripts/fuzz.sh

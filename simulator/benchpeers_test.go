@@ -106,8 +106,11 @@ func TestBenchPeers(t *testing.T) {
 		if s.QoS1PerS <= 0 || s.QoS1DeliveredPerS <= 0 || s.QoS0PerS <= 0 || s.QoS1Published == 0 || s.QoS1Acked != s.QoS1Published {
 			t.Errorf("%s: throughput: QoS 1 %.0f/s (%d of %d acked), delivered %.0f/s, QoS 0 %.0f/s", s.Target, s.QoS1PerS, s.QoS1Acked, s.QoS1Published, s.QoS1DeliveredPerS, s.QoS0PerS)
 		}
-		if s.QoS1Lost != 0 || s.QoS1Dup != 0 || s.QoS1LostPct != 0 {
-			t.Errorf("%s: QoS 1: %d lost, %d duplicated", s.Target, s.QoS1Lost, s.QoS1Dup)
+		if s.QoS1Lost != 0 || s.QoS1Unacked != 0 || s.QoS1Dup != 0 || s.QoS1LostPct != 0 || s.QoS1Received != s.QoS1Published {
+			t.Errorf("%s: QoS 1: %d lost, %d unacknowledged, %d duplicated, %d of %d received", s.Target, s.QoS1Lost, s.QoS1Unacked, s.QoS1Dup, s.QoS1Received, s.QoS1Published)
+		}
+		if len(s.Problems) > 0 {
+			t.Errorf("%s: problems: %q", s.Target, s.Problems)
 		}
 		if s.Target == BenchFleetkeyFKX1 && (s.QoS1.InSink != s.QoS1Published || s.Storm.InSink != s.Storm.Published) {
 			t.Errorf("fleetkey-fkx1: %d of %d records in the sink (storm %d of %d)", s.QoS1.InSink, s.QoS1Published, s.Storm.InSink, s.Storm.Published)
