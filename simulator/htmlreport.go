@@ -84,7 +84,7 @@ func reportOf(sum *Summary, cfg *RunConfig, slos []SLO) *report.Report {
 	if sum.Commands > 0 {
 		kv(&r.Summary, "commands received", sum.Commands)
 	}
-	kv(&r.Summary, "simulator RSS peak", fmt.Sprintf("%.1f MB (%.1f KB per device)", sum.RSSPeakMB, sum.RSSPerDeviceKB))
+	kv(&r.Summary, "simulator RSS peak", fmt.Sprintf("%.1f MB (%.1f KB per device)%s", sum.RSSPeakMB, sum.RSSPerDeviceKB, inProcess(sum)))
 	for _, p := range sum.Problems {
 		kv(&r.Summary, "problem", p)
 	}
@@ -127,6 +127,13 @@ var phaseTitle = map[string]string{
 	PhaseRevoked: "revoked → out", PhaseLag: "schedule lag (generator)",
 }
 
+func inProcess(sum *Summary) string {
+	if sum.StackInProcess {
+		return ", the stack in the same process included"
+	}
+	return ""
+}
+
 func orDefault(s, def string) string {
 	if s == "0s" || s == "" {
 		return def
@@ -148,7 +155,7 @@ func WriteText(w io.Writer, sum *Summary) {
 	if sum.Commands > 0 {
 		fmt.Fprintf(w, "commands: %d received by devices\n", sum.Commands)
 	}
-	fmt.Fprintf(w, "simulator RSS peak %.0f MB (%.1f KB per device)\n", sum.RSSPeakMB, sum.RSSPerDeviceKB)
+	fmt.Fprintf(w, "simulator RSS peak %.0f MB (%.1f KB per device)%s\n", sum.RSSPeakMB, sum.RSSPerDeviceKB, inProcess(sum))
 	fmt.Fprintf(w, "%-26s %9s %10s %10s %10s %10s\n", "phase (ms, from intended)", "count", "p50", "p99", "p99.9", "max")
 	for _, name := range phaseOrder {
 		if p, ok := sum.Phases[name]; ok {

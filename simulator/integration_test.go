@@ -1,6 +1,8 @@
 package simulator
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -48,11 +50,12 @@ func TestFleet200(t *testing.T) {
 	// At most 16 devices between their start and their keys: under -race
 	// the whole stack runs several times slower, and this is a test of
 	// behaviour, not of load.
-	sum, err := Run(t.Context(), RunConfig{Devices: 200, Rate: 100, MaxHandshakes: 16, Duration: 9 * time.Second, Interval: 500 * time.Millisecond, Payload: 48,
+	cfg := RunConfig{Devices: 200, Rate: 100, MaxHandshakes: 16, Duration: 9 * time.Second, Interval: 500 * time.Millisecond, Payload: 48,
 		Rotation:     sessionkey.Rotation{EpochEvery: 5 * time.Second},
 		Provisioning: s.Provisioning, Gateway: s.Gateway, RootCAs: s.RootCAs, Token: tok, Sink: s.Sink, Dir: s.Dir + "/devices",
 		Bundle: fl.Bundle(), Service: &svc, CommandRate: 20, Faults: faults, Attacks: attacks,
-		AttackEnv: AttackEnv{Issuer: fl.Issuer(), Revoke: s.Revoke, Refusals: s.Refusals}})
+		AttackEnv: AttackEnv{Issuer: fl.Issuer(), Revoke: s.Revoke, Refusals: s.Refusals}}
+	sum, err := Run(t.Context(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,6 +100,21 @@ func TestFleet200(t *testing.T) {
 	}
 	if rev.MaxMS >= 1000 {
 		t.Fatalf("a revoked device was out only after %.0f ms", rev.MaxMS)
+	}
+	// The run's own report renders (report's tests open such a page in
+	// Chromium): every phase, the faults and the attacks are in it.
+	page := filepath.Join(t.TempDir(), "report.html")
+	if err := WriteReport(page, sum, &cfg, nil); err != nil {
+		t.Fatal(err)
+	}
+	html, err := os.ReadFile(page)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"revoked → out", "reconnect storm", "tampered-envelope", "<svg"} {
+		if !strings.Contains(string(html), want) {
+			t.Errorf("the report lacks %q", want)
+		}
 	}
 	// Every attack, tried twice, refused for its reason, nothing leaked.
 	if len(sum.Attacks) != len(attackNames) {

@@ -92,6 +92,9 @@ type RunConfig struct {
 	Identities []*agent.Credentials
 	// Faults happen during the run, at their time after its start.
 	Faults []Fault
+	// StackInProcess says the stack runs in this process (--local): its
+	// memory and CPU are then in the simulator's figures.
+	StackInProcess bool
 	// Progress, if set, gets a line a second.
 	Progress io.Writer
 	Log      *slog.Logger
@@ -138,10 +141,12 @@ type Summary struct {
 	Faults       []string              `json:"faults,omitempty"`
 	// The generator's self-check: a run is invalid when the simulator
 	// itself fell behind.
-	Valid          bool      `json:"valid"`
-	Invalid        []string  `json:"invalid,omitempty"`
-	RSSPeakMB      float64   `json:"sim_rss_peak_mb"`
-	RSSPerDeviceKB float64   `json:"sim_rss_per_device_kb"`
+	Valid          bool     `json:"valid"`
+	Invalid        []string `json:"invalid,omitempty"`
+	RSSPeakMB      float64  `json:"sim_rss_peak_mb"`
+	RSSPerDeviceKB float64  `json:"sim_rss_per_device_kb"`
+	// StackInProcess: the RSS figures include the stack (--local).
+	StackInProcess bool      `json:"stack_in_process,omitempty"`
 	Series         Series    `json:"series"`
 	Seconds        float64   `json:"seconds"`
 	Started        time.Time `json:"started"`
@@ -335,7 +340,7 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 		}
 		sum.MessagesPerS = float64(n) / cfg.Duration.Seconds()
 	}
-	sum.RSSPeakMB = float64(rssPeak.Load()) / (1 << 20)
+	sum.RSSPeakMB, sum.StackInProcess = float64(rssPeak.Load())/(1<<20), cfg.StackInProcess
 	sum.RSSPerDeviceKB = float64(max(rssPeak.Load()-rss0, 0)) / 1024 / float64(cfg.Devices)
 	m.judge(sum)
 	if recv != nil {

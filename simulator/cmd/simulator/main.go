@@ -251,6 +251,7 @@ func run(ctx context.Context, args []string) error {
 		*pkiDir = s.PKI
 		restart, revoke = s.RestartGateway, s.Revoke
 		cfg.AllowEK = s.AllowEK
+		cfg.StackInProcess = true
 		cfg.AttackEnv.Refusals = s.Refusals
 	} else {
 		if *gw == "" || *caFile == "" {
