@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -164,6 +165,7 @@ func run(ctx context.Context, args []string) error {
 	var faults []string
 	fs.Func("fault", "a fault drill: gateway-restart@D, churn:P%, storm:P%@D, revoke:N@D (repeatable)", func(v string) error { faults = append(faults, v); return nil })
 	sloSpec := fs.String("slo", "", "objectives, e.g. 'connect_p99<2s,loss=0'; the run exits non-zero when one is missed")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the run (with --local, the stack's too) to this file, for go tool pprof")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -312,6 +314,17 @@ func run(ctx context.Context, args []string) error {
 		return errors.New("--identities fast needs the fleet CA: --local, or --pki DIR")
 	}
 	cfg.AttackEnv.Revoke = revoke
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	sum, err := simulator.Run(ctx, cfg)
 	if sum != nil {
 		simulator.WriteText(os.Stdout, sum)
