@@ -208,6 +208,9 @@ func New(opts Options) (*Broker, error) {
 	if opts.Sessions != nil && opts.PlaintextTelemetry {
 		return nil, errors.New("plaintext telemetry and fkx1 sessions exclude each other")
 	}
+	if opts.PlaintextTelemetry {
+		opts.Sessions = &Sessions{Plaintext: true}
+	}
 	if opts.Sessions != nil {
 		e, err := newEngine(b, *opts.Sessions)
 		if err != nil {
@@ -332,11 +335,13 @@ func (b *Broker) Serve(ctx context.Context, ln net.Listener) error {
 	if err := b.mqtt.AddListener(l); err != nil {
 		return err
 	}
-	if err := b.mqtt.Serve(); err != nil {
-		return err
-	}
+	// The session-key layer's workers and delivery shards run before the
+	// first client can publish.
 	if b.fkx != nil {
 		b.fkx.start(ctx)
+	}
+	if err := b.mqtt.Serve(); err != nil {
+		return err
 	}
 	<-ctx.Done()
 	return b.mqtt.Close()
@@ -498,10 +503,6 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		if handled, err := h.b.fkx.onPublish(cl, id, pk); handled {
 			return pk, err
 		}
-	}
-	if ok && id.Role == identity.RoleDevice && isUp(pk.TopicName) && h.b.opts.PlaintextTelemetry {
-		pk.TopicName = "fleet/telemetry/" + id.Name + pk.TopicName[len("devices/")+len(id.Name)+len("/up"):]
-		return pk, nil
 	}
 	if ok && id.Role == identity.RoleDevice && isUp(pk.TopicName) {
 		h.b.stats.PlaintextRefused.Add(1)

@@ -50,6 +50,10 @@ type Sessions struct {
 	// acknowledged (default 30 s).
 	SubscriberWindow int
 	SubscriberStall  time.Duration
+	// Plaintext relays records as they are (Options.PlaintextTelemetry):
+	// no handshakes, no envelopes, no sink; deliveries keep the same
+	// order per device and the same subscriber backpressure.
+	Plaintext bool
 }
 
 // FKXStats counts the session-key layer's work and refusals; refusals are
@@ -110,7 +114,7 @@ type deviceState struct {
 }
 
 func newEngine(b *Broker, cfg Sessions) (*engine, error) {
-	if cfg.Sink == nil {
+	if cfg.Sink == nil && !cfg.Plaintext {
 		return nil, errors.New("fkx1 needs a telemetry sink")
 	}
 	if cfg.Workers <= 0 {
@@ -131,7 +135,25 @@ func newEngine(b *Broker, cfg Sessions) (*engine, error) {
 	if cfg.SubscriberStall == 0 {
 		cfg.SubscriberStall = 30 * time.Second
 	}
-	rcfg, err := sessionkey.NewResponderConfig(sessionkey.ResponderConfig{
+	var rcfg *sessionkey.ResponderConfig
+	var err error
+	if !cfg.Plaintext {
+		rcfg, err = responderConfig(b, cfg)
+		if err != nil {
+			return nil, err
+		}
+	}
+	e := &engine{b: b, cfg: cfg, rcfg: rcfg, devices: map[string]*deviceState{}, jobs: make(chan func(), cfg.QueueSize)}
+	e.pub = b.mqtt.NewClient(nil, mqtt.LocalListener, "fleetkey-gateway", true)
+	e.cmdID.Store(uint64(time.Now().UnixNano())) // rises across restarts
+	e.room.ch = make(chan struct{})
+	return e, nil
+}
+
+// responderConfig is fkx1's responder: the gateway's identity, and the
+// devices' credentials checked as at TLS.
+func responderConfig(b *Broker, cfg Sessions) (*sessionkey.ResponderConfig, error) {
+	return sessionkey.NewResponderConfig(sessionkey.ResponderConfig{
 		Suites: cfg.Suites, Identity: cfg.Identity, Now: b.opts.Now,
 		VerifyDevice: func(id string, chain []*x509.Certificate) error {
 			peer, err := b.opts.Bundle.Verify(chain, trust.VerifyOptions{Now: b.opts.Now(), Usage: x509.ExtKeyUsageAny,
@@ -147,14 +169,6 @@ func newEngine(b *Broker, cfg Sessions) (*engine, error) {
 			}
 			return nil
 		}})
-	if err != nil {
-		return nil, err
-	}
-	e := &engine{b: b, cfg: cfg, rcfg: rcfg, devices: map[string]*deviceState{}, jobs: make(chan func(), cfg.QueueSize)}
-	e.pub = b.mqtt.NewClient(nil, mqtt.LocalListener, "fleetkey-gateway", true)
-	e.cmdID.Store(uint64(time.Now().UnixNano())) // rises across restarts
-	e.room.ch = make(chan struct{})
-	return e, nil
 }
 
 // start runs the workers, the delivery shards and the housekeeping until
@@ -293,12 +307,48 @@ func topicParts(topic string) ([4]string, bool) {
 	return p, true
 }
 
+// onPlaintext relays a device's record as it is to the services, on the
+// device's delivery shard (its order kept), after every QoS 1 subscriber
+// has room, and only then acknowledges it: a slow service slows the
+// devices instead of losing what the gateway acknowledged. Commands go to
+// devices/{id}/down/ as they are. There is no fkx1 to speak.
+func (e *engine) onPlaintext(cl *mqtt.Client, id identity.ID, p [4]string, pk packets.Packet) (bool, error) {
+	switch {
+	case id.Role == identity.RoleDevice && p[0] == "devices" && p[1] == id.Name && p[2] == "kex":
+		e.refuse("plaintext-mode", &e.stats.KexDropped)
+		e.nack(cl, pk, "fkx1 is off (plaintext_telemetry)")
+		return true, packets.ErrRejectPacket
+	case id.Role == identity.RoleDevice && p[0] == "devices" && p[1] == id.Name && p[2] == "up":
+		topic := "fleet/telemetry/" + id.Name + "/" + p[3]
+		payload := pk.Payload
+		e.onShard(id.Name, func() {
+			e.waitRoom(topic)
+			e.publish(topic, payload, nil)
+			e.stats.Records.Add(1)
+			e.ackGuarded(cl, pk)
+		})
+		return true, packets.ErrRejectPacket
+	case id.Role != identity.RoleDevice && p[0] == "fleet" && p[1] == "commands":
+		if identity.ValidateID(p[2]) != nil {
+			e.refuse("bad-device-id", &e.stats.CommandsRefused)
+			return true, nil
+		}
+		e.publish("devices/"+p[2]+"/down/"+p[3], pk.Payload, nil)
+		e.stats.Commands.Add(1)
+		return true, nil
+	}
+	return false, nil
+}
+
 // onPublish handles what the session-key layer owns. handled reports
 // whether it took the packet; err is then what OnPublish returns.
 func (e *engine) onPublish(cl *mqtt.Client, id identity.ID, pk packets.Packet) (handled bool, err error) {
 	p, ok := topicParts(pk.TopicName)
 	if !ok {
 		return false, nil
+	}
+	if e.cfg.Plaintext {
+		return e.onPlaintext(cl, id, p, pk)
 	}
 	switch {
 	case id.Role == identity.RoleDevice && p[0] == "devices" && p[1] == id.Name && p[2] == "kex" && p[3] == "req":
