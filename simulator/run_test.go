@@ -210,3 +210,33 @@ func TestRunTPM(t *testing.T) {
 		t.Fatalf("errors: %v; want the enrollment refused", sum.Errors)
 	}
 }
+
+// TestRunTargetMQTT: plain MQTT over mTLS (what any broker takes), against
+// the gateway with fkx1 off: every record acknowledged reaches the
+// service, in the gateway's fleet/telemetry/ topics.
+func TestRunTargetMQTT(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs the whole stack")
+	}
+	s, err := StartLocalWith(t.Context(), t.TempDir(), nil, LocalOptions{PlaintextTelemetry: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Stop() })
+	svc, err := s.Service()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := mint(t, s, 20)
+	sum, err := Run(t.Context(), RunConfig{Devices: 20, Rate: 100, Duration: 2 * time.Second, Interval: 50 * time.Millisecond, Target: TargetMQTT,
+		Gateway: s.Gateway, Identities: ids, Service: &svc, ServiceTopic: "fleet/telemetry/+/+", Channel: "a,b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sum.Connected != 20 || sum.Published == 0 || sum.Acked != sum.Published || sum.Received != sum.Published || len(sum.Problems) > 0 {
+		t.Fatalf("summary: %+v", sum)
+	}
+	if _, ok := sum.Phases[PhaseFKX1]; ok {
+		t.Fatal("fkx1 measured on plain MQTT")
+	}
+}
