@@ -426,15 +426,30 @@ func attackOnce(ctx context.Context, cfg *RunConfig, name, self, victim string, 
 		}
 		return false, fmt.Sprintf("suback: granted qos %v", p.body[2:]), nil
 	case "acl-publish":
-		// Forge a delivered record, and write on another device's topic.
+		// Forge a delivered record, and write on another device's topic;
+		// then a PINGREQ: the broker handles a client's packets in order,
+		// so its PINGRESP means both publishes were judged (and counted)
+		// before the next attack starts.
 		for j, topic := range []string{"fleet/telemetry/" + victim + "/" + cfg.channels[0], "devices/" + victim + "/up/" + cfg.channels[0]} {
-			acked, err := a.publishWait(topic, attackBody(marker, try), uint16(10+j), nil)
+			if _, err := a.c.Write(publishPacket(topic, attackBody(marker, try), 1, uint16(10+j))); err != nil {
+				return true, reasonOf("publish", err), nil
+			}
+		}
+		if _, err := a.c.Write(pingreqPacket); err != nil {
+			return true, reasonOf("publish", err), nil
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			p, err := a.next(deadline, nil)
 			if err != nil {
 				return true, reasonOf("publish", err), nil
 			}
-			_ = acked // 3.1.1 has no refusal code: the receiver's leak count decides
+			if p.typ == pktPingresp {
+				// 3.1.1 has no refusal code: whether anything got through
+				// is the receiver's leak count.
+				return true, "publish: not delivered (leaks counted at the receiver)", nil
+			}
 		}
-		return true, "publish: not delivered (leaks counted at the receiver)", nil
 	}
 	// replayed- and tampered-envelope: a genuine device with session keys.
 	dev := agent.NewDevice(self, agent.DeviceOptions{Suite: cfg.Suite})
