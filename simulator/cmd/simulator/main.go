@@ -93,8 +93,20 @@ func stateDir(flagDir string) (string, error) {
 func local(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("local", flag.ContinueOnError)
 	dir := fs.String("dir", "", "state directory (default a new temporary one)")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the stack, until it stops, to this file")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
 	}
 	d, err := stateDir(*dir)
 	if err != nil {
