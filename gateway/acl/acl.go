@@ -56,22 +56,38 @@ func Check(who identity.ID, topic string, write bool) Decision {
 	return deny("role " + string(who.Role) + " may not publish or subscribe")
 }
 
+// levels4 splits a topic into its first four levels without allocating
+// (every publish is checked); n is the number of levels, 5 meaning more
+// than four.
+func levels4(topic string) (l [4]string, n int) {
+	for n < 4 {
+		i := strings.IndexByte(topic, '/')
+		if i < 0 {
+			l[n] = topic
+			return l, n + 1
+		}
+		l[n], topic = topic[:i], topic[i+1:]
+		n++
+	}
+	return l, 5
+}
+
 func device(id, topic string, write bool) Decision {
 	if strings.HasPrefix(topic, "$") {
 		return deny("devices may not use $share or $SYS")
 	}
-	l := strings.Split(topic, "/")
-	if len(l) < 3 || l[0] != "devices" || l[1] != id {
+	l, n := levels4(topic)
+	if n < 3 || l[0] != "devices" || l[1] != id {
 		return deny("a device may only use devices/<its own id>/...")
 	}
 	switch {
-	case write && len(l) == 4 && l[2] == "kex" && l[3] == "req":
+	case write && n == 4 && l[2] == "kex" && l[3] == "req":
 		return allow()
-	case write && len(l) == 4 && l[2] == "up" && validLevel(l[3]):
+	case write && n == 4 && l[2] == "up" && validLevel(l[3]):
 		return allow()
-	case !write && len(l) == 4 && l[2] == "kex" && (l[3] == "resp" || l[3] == "hint"):
+	case !write && n == 4 && l[2] == "kex" && (l[3] == "resp" || l[3] == "hint"):
 		return allow()
-	case !write && len(l) == 4 && l[2] == "down" && (l[3] == "+" || validLevel(l[3])):
+	case !write && n == 4 && l[2] == "down" && (l[3] == "+" || validLevel(l[3])):
 		return allow()
 	}
 	if write {
@@ -82,8 +98,8 @@ func device(id, topic string, write bool) Decision {
 
 func service(topic string, write, admin bool) Decision {
 	if write {
-		l := strings.Split(topic, "/")
-		if len(l) == 4 && l[0] == "fleet" && l[1] == "commands" && identity.ValidateID(l[2]) == nil && validLevel(l[3]) {
+		l, n := levels4(topic)
+		if n == 4 && l[0] == "fleet" && l[1] == "commands" && identity.ValidateID(l[2]) == nil && validLevel(l[3]) {
 			return allow()
 		}
 		return deny("services publish only fleet/commands/<device id>/<channel>")

@@ -108,3 +108,17 @@ func FuzzCheck(f *testing.F) {
 		}
 	})
 }
+
+func TestLevels4(t *testing.T) {
+	for topic, want := range map[string]int{"a": 1, "a/b": 2, "a/b/c/d": 4, "a/b/c/d/e": 5, "": 1, "a//b/": 4, "/": 2} {
+		if _, n := levels4(topic); n != want {
+			t.Errorf("%q: %d levels, want %d", topic, n, want)
+		}
+	}
+	if l, _ := levels4("devices/d-1/up/temp"); l != [4]string{"devices", "d-1", "up", "temp"} {
+		t.Errorf("levels %q", l)
+	}
+	if allocs := testing.AllocsPerRun(100, func() { _, _ = levels4("devices/d-1/up/temp") }); allocs != 0 {
+		t.Errorf("%v allocations", allocs)
+	}
+}

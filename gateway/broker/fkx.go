@@ -320,12 +320,12 @@ func (e *engine) onPlaintext(cl *mqtt.Client, id identity.ID, p [4]string, pk pa
 		return true, packets.ErrRejectPacket
 	case id.Role == identity.RoleDevice && p[0] == "devices" && p[1] == id.Name && p[2] == "up":
 		topic := "fleet/telemetry/" + id.Name + "/" + p[3]
-		payload := pk.Payload
+		payload, ref := pk.Payload, ackOf(pk)
 		e.onShard(id.Name, func() {
 			e.waitRoom(topic)
 			e.publish(topic, payload, nil)
 			e.stats.Records.Add(1)
-			e.ackGuarded(cl, pk)
+			e.ackGuarded(cl, ref)
 		})
 		return true, packets.ErrRejectPacket
 	case id.Role != identity.RoleDevice && p[0] == "fleet" && p[1] == "commands":
@@ -384,14 +384,24 @@ func (e *engine) ack(cl *mqtt.Client, pk packets.Packet) {
 	_ = cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID})
 }
 
+// ackRef is what a later PUBACK needs of a publish. Closures that wait
+// for the sink keep it rather than the packet: a packets.Packet is about
+// 1 KB, and captured it moved to the heap for every record.
+type ackRef struct {
+	qos byte
+	id  uint16
+}
+
+func ackOf(pk packets.Packet) ackRef { return ackRef{qos: pk.FixedHeader.Qos, id: pk.PacketID} }
+
 // ackGuarded sends PUBACK from a delivery goroutine, which serves many
 // devices, under the write watchdog.
-func (e *engine) ackGuarded(cl *mqtt.Client, pk packets.Packet) {
-	if pk.FixedHeader.Qos == 0 {
+func (e *engine) ackGuarded(cl *mqtt.Client, ref ackRef) {
+	if ref.qos == 0 {
 		return
 	}
 	e.guarded(cl, func() error {
-		return cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID})
+		return cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: ref.id})
 	})
 }
 
@@ -552,7 +562,8 @@ func (e *engine) up(cl *mqtt.Client, id, channel string, pk packets.Packet) {
 	}
 	e.flushCommands(id, st)
 	rec := sink.Record{Device: id, Channel: channel, RecordID: binary.BigEndian.Uint64(pt), UnixMS: binary.BigEndian.Uint64(pt[8:]), Body: pt[recordHeader:]}
-	err = e.cfg.Sink.Submit(context.Background(), rec, func(r sink.Result) { e.onShard(id, func() { e.stored(cl, pk, st, kid, seq, &rec, r) }) })
+	ref := ackOf(pk)
+	err = e.cfg.Sink.Submit(context.Background(), rec, func(r sink.Result) { e.onShard(id, func() { e.stored(cl, ref, st, kid, seq, &rec, r) }) })
 	if err != nil {
 		e.b.log.Error("telemetry sink", "err", err)
 		cl.Stop(err)
@@ -580,7 +591,7 @@ func (e *engine) onShard(id string, job func()) {
 // stored finishes a record the sink has settled: on success it marks the
 // envelope's seq, delivers the record (unless it was a duplicate) and
 // acknowledges it.
-func (e *engine) stored(cl *mqtt.Client, pk packets.Packet, st *deviceState, kid sessionkey.KID, seq uint64, rec *sink.Record, r sink.Result) {
+func (e *engine) stored(cl *mqtt.Client, ref ackRef, st *deviceState, kid sessionkey.KID, seq uint64, rec *sink.Record, r sink.Result) {
 	id, channel := rec.Device, rec.Channel
 	{
 		if r.Err != nil {
@@ -596,7 +607,7 @@ func (e *engine) stored(cl *mqtt.Client, pk packets.Packet, st *deviceState, kid
 			e.deliver("fleet/telemetry/"+id+"/"+channel, rec)
 			e.stats.Records.Add(1)
 		}
-		e.ackGuarded(cl, pk)
+		e.ackGuarded(cl, ref)
 	}
 }
 

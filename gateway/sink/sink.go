@@ -94,10 +94,13 @@ type Sink struct {
 	highest map[string]uint64 // writer goroutine only (after Open)
 	queue   chan item
 	batches chan []item
-	stats   Stats
-	mu      sync.RWMutex // guards closed against Submit
-	closed  bool
-	wg      sync.WaitGroup
+	// free returns delivered batches to the writer: a batch slice is
+	// reused, not grown anew for every group commit.
+	free   chan []item
+	stats  Stats
+	mu     sync.RWMutex // guards closed against Submit
+	closed bool
+	wg     sync.WaitGroup
 }
 
 // MaxLine bounds one line of the file when it is read back (a 64 KiB body
@@ -130,7 +133,7 @@ func New(f File, opts Options) (*Sink, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	s := &Sink{f: f, opts: opts, highest: map[string]uint64{}, queue: make(chan item, opts.QueueSize), batches: make(chan []item, 2)}
+	s := &Sink{f: f, opts: opts, highest: map[string]uint64{}, queue: make(chan item, opts.QueueSize), batches: make(chan []item, 2), free: make(chan []item, 4)}
 	if err := s.recover(); err != nil {
 		return nil, err
 	}
@@ -245,7 +248,12 @@ func (s *Sink) writer() {
 	defer close(s.batches)
 	var buf []byte
 	for first := range s.queue {
-		batch := []item{first}
+		var batch []item
+		select {
+		case batch = <-s.free:
+		default:
+		}
+		batch = append(batch[:0], first)
 	fill:
 		for len(batch) < s.opts.MaxBatch {
 			select {
@@ -321,6 +329,11 @@ func (s *Sink) deliverer() {
 			if it.done != nil {
 				it.done(it.res)
 			}
+		}
+		clear(batch) // drop the records and callbacks it holds
+		select {
+		case s.free <- batch[:0]:
+		default:
 		}
 	}
 }
