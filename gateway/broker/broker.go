@@ -501,6 +501,16 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	id, ok := h.b.identityOf(cl)
 	if ok && h.b.fkx != nil {
 		if handled, err := h.b.fkx.onPublish(cl, id, pk); handled {
+			if errors.Is(err, packets.ErrRejectPacket) {
+				// The session-key layer took the packet and answers it
+				// itself (a PUBACK once the record is stored). It goes back
+				// to mochi ignored and at QoS 0, so that mochi neither
+				// delivers nor acknowledges it. Returning ErrRejectPacket
+				// has the same effect, but mochi then boxes the whole packet
+				// into a debug log call: about 1 KB of garbage per record.
+				pk.Ignore, pk.FixedHeader.Qos, pk.FixedHeader.Retain = true, 0, false
+				return pk, nil
+			}
 			return pk, err
 		}
 	}
