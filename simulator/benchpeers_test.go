@@ -147,13 +147,14 @@ func TestBenchConfigRefused(t *testing.T) {
 
 func TestPeerGatewayMainRefuses(t *testing.T) {
 	dir := t.TempDir()
-	for _, args := range [][]string{
-		{"--pki", dir, "--sink", filepath.Join(dir, "sink"), "--addr-file", filepath.Join(dir, "addr"), "--listen", "127.0.0.1:1883"},
-		{"--pki", dir, "--sink", filepath.Join(dir, "sink")},
-		{"--pki", dir, "--sink", filepath.Join(dir, "sink"), "--addr-file", filepath.Join(dir, "addr"), "extra"},
+	// The plaintext MQTT port is refused before anything is bound.
+	for want, args := range map[string][]string{
+		"never 1883":   {"--pki", dir, "--sink", filepath.Join(dir, "sink"), "--addr-file", filepath.Join(dir, "addr"), "--listen", "127.0.0.1:1883"},
+		"required":     {"--pki", dir, "--sink", filepath.Join(dir, "sink")},
+		"nothing else": {"--pki", dir, "--sink", filepath.Join(dir, "sink"), "--addr-file", filepath.Join(dir, "addr"), "extra"},
 	} {
-		if err := PeerGatewayMain(t.Context(), args); err == nil {
-			t.Errorf("%q: no error", args)
+		if err := PeerGatewayMain(t.Context(), args); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: %v; want %q", args, err, want)
 		}
 	}
 }

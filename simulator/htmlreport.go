@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 
@@ -109,10 +111,10 @@ func reportOf(sum *Summary, cfg *RunConfig, slos []SLO) *report.Report {
 	sort.Slice(r.Errors, func(i, j int) bool { return r.Errors[i].Count > r.Errors[j].Count })
 	for _, a := range sum.Attacks {
 		var seen []string
-		for _, k := range sortedKeys(a.Seen) {
+		for _, k := range slices.Sorted(maps.Keys(a.Seen)) {
 			seen = append(seen, fmt.Sprintf("%s (x%d)", k, a.Seen[k]))
 		}
-		for _, k := range sortedKeys(a.Gateway) {
+		for _, k := range slices.Sorted(maps.Keys(a.Gateway)) {
 			seen = append(seen, fmt.Sprintf("gateway %s (x%d)", k, a.Gateway[k]))
 		}
 		r.Attacks = append(r.Attacks, report.Attack{Name: a.Name, Tries: a.Tries, Refused: a.Refused, Leaked: a.Leaked, OK: a.OK,
@@ -162,7 +164,7 @@ func WriteText(w io.Writer, sum *Summary) {
 			fmt.Fprintf(w, "%-26s %9d %10.2f %10.2f %10.2f %10.2f\n", phaseTitle[name], p.Count, p.P50MS, p.P99MS, p.P999MS, p.MaxMS)
 		}
 	}
-	for _, k := range sortedKeys(sum.Errors) {
+	for _, k := range slices.Sorted(maps.Keys(sum.Errors)) {
 		fmt.Fprintf(w, "error  %6d  %s\n", sum.Errors[k], k)
 	}
 	for _, f := range sum.Faults {
@@ -174,7 +176,7 @@ func WriteText(w io.Writer, sum *Summary) {
 			ok = "FAILED"
 		}
 		var gw []string
-		for _, k := range sortedKeys(a.Gateway) {
+		for _, k := range slices.Sorted(maps.Keys(a.Gateway)) {
 			gw = append(gw, fmt.Sprintf("%s x%d", k, a.Gateway[k]))
 		}
 		fmt.Fprintf(w, "attack %-18s %s: %s (gateway: %s)\n", a.Name, ok, a.Verdict, strings.Join(gw, ", "))

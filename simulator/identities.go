@@ -1,15 +1,9 @@
 package simulator
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"fmt"
-	"runtime"
-	"sync"
 
 	"fleetkey.dev/certs/authority"
-	"fleetkey.dev/certs/identity"
 	"fleetkey.dev/certs/pkidir"
 	"fleetkey.dev/certs/trust"
 	"fleetkey.dev/device-agent/agent"
@@ -45,35 +39,12 @@ func OpenFleet(pki string) (*Fleet, error) {
 // in memory.
 func (f *Fleet) Mint(n int) ([]*agent.Credentials, error) {
 	out := make([]*agent.Credentials, n)
-	errs := make([]error, n)
-	next := make(chan int, n)
-	for i := range n {
-		next <- i
+	idx := make([]int, n)
+	for i := range idx {
+		idx[i] = i
 	}
-	close(next)
-	var wg sync.WaitGroup
-	for range runtime.GOMAXPROCS(0) {
-		wg.Go(func() {
-			for i := range next {
-				key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-				if err != nil {
-					errs[i] = err
-					continue
-				}
-				c, err := f.issuer.Issue(&authority.Request{Role: identity.RoleDevice, Name: deviceID(i), PublicKey: key.Public()})
-				if err != nil {
-					errs[i] = fmt.Errorf("minting %s: %w", deviceID(i), err)
-					continue
-				}
-				out[i] = &agent.Credentials{Signer: key, Leaf: c, Bundle: f.bundle}
-			}
-		})
-	}
-	wg.Wait()
-	for _, err := range errs {
-		if err != nil {
-			return nil, err
-		}
+	if err := f.mintInto(out, idx); err != nil {
+		return nil, err
 	}
 	return out, nil
 }

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/bits"
 	"os"
 	"strconv"
 	"strings"
@@ -443,7 +442,7 @@ func checkSink(path string, base uint64, devs []*vdev, sum *Summary) error {
 		return err
 	}
 	defer f.Close()
-	stored := make([][]uint64, len(devs)) // per device, bitset of seqs
+	stored := make([]seqSet, len(devs))
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -459,28 +458,15 @@ func checkSink(path string, base uint64, devs []*vdev, sum *Summary) error {
 		if !ok || err != nil || idx < 0 || idx >= len(devs) || deviceID(idx) != l.Device {
 			continue // not one of this run's devices (attackers, other runs)
 		}
-		seq := l.RecordID - base
-		set := stored[idx]
-		if w := int(seq / 64); w >= len(set) {
-			set = append(set, make([]uint64, w+1-len(set))...)
-			stored[idx] = set
-		}
-		if set[seq/64]&(1<<(seq%64)) != 0 {
+		if !stored[idx].add(uint32(l.RecordID - base)) {
 			sum.Duplicated++
 			continue
 		}
-		set[seq/64] |= 1 << (seq % 64)
 		sum.InSink++
 	}
 	for i, v := range devs {
 		v.mu.Lock()
-		for w, acked := range v.ackedSeqs {
-			var have uint64
-			if w < len(stored[i]) {
-				have = stored[i][w]
-			}
-			sum.Lost += int64(bits.OnesCount64(acked &^ have))
-		}
+		sum.Lost += v.ackedSeqs.missingFrom(stored[i])
 		v.mu.Unlock()
 	}
 	return sc.Err()

@@ -240,3 +240,26 @@ func TestRunTargetMQTT(t *testing.T) {
 		t.Fatal("fkx1 measured on plain MQTT")
 	}
 }
+
+// TestRunRefusals: a run that cannot be what was asked for says why, before
+// it starts.
+func TestRunRefusals(t *testing.T) {
+	ok := RunConfig{Devices: 1, Rate: 1, Interval: time.Second, Gateway: "localhost:8883"}
+	for want, change := range map[string]func(*RunConfig){
+		"must be positive":     func(c *RunConfig) { c.Devices = 0 },
+		"1 identities for 2":   func(c *RunConfig) { c.Devices, c.Identities = 2, make([]*agent.Credentials, 1) },
+		"only \"sim\"":         func(c *RunConfig) { c.TPM = "/dev/tpmrm0" },
+		"a provisioning admin": func(c *RunConfig) { c.TPM = "sim" },
+		"target \"amqp\"":      func(c *RunConfig) { c.Target = "amqp" },
+		"not \"kex\"":          func(c *RunConfig) { c.Channel = "temp,kex" },
+		"one topic level":      func(c *RunConfig) { c.Channel = "a/b" },
+		"the limit is 60,000":  func(c *RunConfig) { c.Template = strings.Repeat("x", 60_001) },
+		"want host:port":       func(c *RunConfig) { c.Gateway = "nowhere" },
+	} {
+		cfg := ok
+		change(&cfg)
+		if _, err := Run(t.Context(), cfg); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: %v", want, err)
+		}
+	}
+}

@@ -27,7 +27,7 @@ type receiver struct {
 	c   paho.Client
 
 	mu      sync.Mutex
-	seen    map[uint32][]uint64 // device index -> bitset of sequences
+	seen    map[uint32]seqSet // device index -> sequences received
 	dups    int64
 	foreign int64
 	leaks   map[uint32]int64 // by attack marker: attackers' records that reached a service
@@ -44,7 +44,7 @@ const maxSeq = 1 << 24
 const attackerIndex = 0xffffffff
 
 func startReceiver(ctx context.Context, cfg *RunConfig, m *meter) (*receiver, error) {
-	r := &receiver{cfg: cfg, m: m, seen: map[uint32][]uint64{}, leaks: map[uint32]int64{}, stopCh: make(chan struct{})}
+	r := &receiver{cfg: cfg, m: m, seen: map[uint32]seqSet{}, leaks: map[uint32]int64{}, stopCh: make(chan struct{})}
 	host, _, err := net.SplitHostPort(cfg.Gateway)
 	if err != nil {
 		return nil, err
@@ -124,13 +124,10 @@ func (r *receiver) record(b []byte) {
 		r.foreign++ // not this run's: another publisher, or garbled
 		return
 	}
-	bits := r.seen[idx]
-	w := int(seq / 64)
-	if w >= len(bits) {
-		bits = append(bits, make([]uint64, w+1-len(bits))...)
-		r.seen[idx] = bits
-	}
-	if bits[w]&(1<<(seq%64)) != 0 {
+	set := r.seen[idx]
+	isNew := set.add(seq)
+	r.seen[idx] = set
+	if !isNew {
 		if genuine {
 			r.leaks[idx+genuineOffset]++ // a replay delivered again
 		} else {
@@ -138,7 +135,6 @@ func (r *receiver) record(b []byte) {
 		}
 		return
 	}
-	bits[w] |= 1 << (seq % 64)
 	if genuine {
 		return
 	}

@@ -83,7 +83,7 @@ type vdev struct {
 	startAt   time.Time // the device's intended start
 	due       time.Time // when the timer was set to fire
 	pingAt    time.Time // the last PINGREQ
-	ackedSeqs []uint64  // bitset of the sequences acknowledged (QoS 1)
+	ackedSeqs seqSet    // the sequences acknowledged (QoS 1)
 }
 
 type pendingRec struct {
@@ -505,11 +505,7 @@ func (v *vdev) acked(g uint32, pid uint16, now time.Time) {
 				v.firstAck = true
 				f.m.record(PhaseFirstAck, now.Sub(v.startAt))
 			}
-			w := int(r.seq / 64)
-			if w >= len(v.ackedSeqs) {
-				v.ackedSeqs = append(v.ackedSeqs, make([]uint64, w+1-len(v.ackedSeqs))...)
-			}
-			v.ackedSeqs[w] |= 1 << (r.seq % 64)
+			v.ackedSeqs.add(r.seq)
 			if len(v.pend) == 0 && cap(v.pend) > 64 {
 				v.pend = nil // an outage's backlog is drained: give back its memory
 			}

@@ -1,7 +1,10 @@
 package broker
 
 import (
+	"crypto/tls"
 	"fmt"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -9,6 +12,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"fleetkey.dev/certs/identity"
+	"fleetkey.dev/certs/pkidir"
 )
 
 // TestPlaintextTelemetry: with fkx1 off, a device's records go as they
@@ -77,4 +81,22 @@ func TestPlaintextTelemetry(t *testing.T) {
 	// is closed) and counted.
 	dev.Publish("devices/dev-1/kex/req", 1, false, []byte{1, 1})
 	waitFor(t, "the kex refusal", func() bool { return e.b.Stats().Refusals()[[2]string{"fkx1", "plaintext-mode"}] == 1 })
+}
+
+// TestPlaintextExcludesSessions: plaintext telemetry and fkx1 sessions are
+// one or the other.
+func TestPlaintextExcludesSessions(t *testing.T) {
+	pki, _ := newPKI(t, "fleet.test")
+	bundle, err := pkidir.LoadBundle(pki)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tls.LoadX509KeyPair(filepath.Join(pki, "gateway.crt"), filepath.Join(pki, "gateway.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = New(Options{Bundle: bundle, Certificate: cert, PlaintextTelemetry: true, Sessions: &Sessions{}})
+	if err == nil || !strings.Contains(err.Error(), "exclude each other") {
+		t.Fatalf("both at once: %v", err)
+	}
 }

@@ -83,6 +83,23 @@ func main() {
 	}
 }
 
+// cpuProfileTo starts a CPU profile written to path ("" : none) and
+// returns what stops it.
+func cpuProfileTo(path string) (stop func(), err error) {
+	if path == "" {
+		return func() {}, nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
+}
+
 func stateDir(flagDir string) (string, error) {
 	if flagDir != "" {
 		return flagDir, os.MkdirAll(flagDir, 0o700)
@@ -97,17 +114,11 @@ func local(ctx context.Context, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if *cpuProfile != "" {
-		f, err := os.Create(*cpuProfile)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
-		}
-		defer pprof.StopCPUProfile()
+	stopProfile, err := cpuProfileTo(*cpuProfile)
+	if err != nil {
+		return err
 	}
+	defer stopProfile()
 	d, err := stateDir(*dir)
 	if err != nil {
 		return err
@@ -326,17 +337,11 @@ func run(ctx context.Context, args []string) error {
 		return errors.New("--identities fast needs the fleet CA: --local, or --pki DIR")
 	}
 	cfg.AttackEnv.Revoke = revoke
-	if *cpuProfile != "" {
-		f, err := os.Create(*cpuProfile)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
-		}
-		defer pprof.StopCPUProfile()
+	stopProfile, err := cpuProfileTo(*cpuProfile)
+	if err != nil {
+		return err
 	}
+	defer stopProfile()
 	sum, err := simulator.Run(ctx, cfg)
 	if sum != nil {
 		simulator.WriteText(os.Stdout, sum)
