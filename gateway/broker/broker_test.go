@@ -104,9 +104,9 @@ func start(t testing.TB, limits Limits, wrap listenerFunc, revoked func(string) 
 	})
 }
 
-// startWith runs a broker on 127.0.0.1:0 with options set by configure,
-// before the broker is built.
-func startWith(t testing.TB, wrap listenerFunc, configure func(*Options)) *env {
+// gatewayOptions makes a fleet PKI and returns the broker's options for
+// it: the trust bundle and the gateway certificate.
+func gatewayOptions(t testing.TB) (string, *authority.Issuer, Options) {
 	t.Helper()
 	pki, iss := newPKI(t, "fleet.test")
 	bundle, err := pkidir.LoadBundle(pki)
@@ -117,8 +117,17 @@ func startWith(t testing.TB, wrap listenerFunc, configure func(*Options)) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return pki, iss, Options{Bundle: bundle, Certificate: cert}
+}
+
+// startWith runs a broker on 127.0.0.1:0 with options set by configure,
+// before the broker is built.
+func startWith(t testing.TB, wrap listenerFunc, configure func(*Options)) *env {
+	t.Helper()
+	pki, iss, opts := gatewayOptions(t)
+	bundle := opts.Bundle
 	logs := &syncBuffer{}
-	opts := Options{Bundle: bundle, Certificate: cert, Log: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))}
+	opts.Log = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	configure(&opts)
 	b, err := New(opts)
 	if err != nil {

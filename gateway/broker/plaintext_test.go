@@ -1,9 +1,7 @@
 package broker
 
 import (
-	"crypto/tls"
 	"fmt"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -12,7 +10,6 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"fleetkey.dev/certs/identity"
-	"fleetkey.dev/certs/pkidir"
 )
 
 // TestPlaintextTelemetry: with fkx1 off, a device's records go as they
@@ -86,16 +83,9 @@ func TestPlaintextTelemetry(t *testing.T) {
 // TestPlaintextExcludesSessions: plaintext telemetry and fkx1 sessions are
 // one or the other.
 func TestPlaintextExcludesSessions(t *testing.T) {
-	pki, _ := newPKI(t, "fleet.test")
-	bundle, err := pkidir.LoadBundle(pki)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := tls.LoadX509KeyPair(filepath.Join(pki, "gateway.crt"), filepath.Join(pki, "gateway.key"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = New(Options{Bundle: bundle, Certificate: cert, PlaintextTelemetry: true, Sessions: &Sessions{}})
+	_, _, opts := gatewayOptions(t)
+	opts.PlaintextTelemetry, opts.Sessions = true, &Sessions{}
+	_, err := New(opts)
 	if err == nil || !strings.Contains(err.Error(), "exclude each other") {
 		t.Fatalf("both at once: %v", err)
 	}

@@ -7,12 +7,10 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"fleetkey.dev/certs/identity"
-	"fleetkey.dev/certs/pkidir"
 )
 
 // TestCloseMidConnect: a client that has finished its TLS handshake but
@@ -21,16 +19,10 @@ import (
 // client's CONNECT deadline ends. Such a connection used to outlive a
 // restarted gateway, holding a device on a dead broker.
 func TestCloseMidConnect(t *testing.T) {
-	pki, iss := newPKI(t, "fleet.test")
-	bundle, err := pkidir.LoadBundle(pki)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := tls.LoadX509KeyPair(filepath.Join(pki, "gateway.crt"), filepath.Join(pki, "gateway.key"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := New(Options{Bundle: bundle, Certificate: cert, Log: slog.New(slog.DiscardHandler), Limits: Limits{ConnectTimeout: time.Minute}})
+	_, iss, opts := gatewayOptions(t)
+	bundle := opts.Bundle
+	opts.Log, opts.Limits = slog.New(slog.DiscardHandler), Limits{ConnectTimeout: time.Minute}
+	b, err := New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
