@@ -78,6 +78,9 @@ type BenchConfig struct {
 	Child func(sub string, args ...string) *exec.Cmd
 	// Progress, if set, gets a line per target and round.
 	Progress io.Writer
+	// Profile makes each fleetkey gateway write a CPU profile, cpu.pprof,
+	// into its run's directory under Dir (for go tool pprof).
+	Profile bool
 }
 
 // BenchFigures are what bench-peers compares. Rates are per second;
@@ -353,6 +356,9 @@ func (b *bench) startPeer(ctx context.Context, t, dir string) (*peers.Peer, erro
 		args := []string{"--pki", b.pki, "--sink", filepath.Join(dir, "telemetry.jsonl"), "--addr-file", addr}
 		if t == BenchFleetkeyMQTT {
 			args = append(args, "--plaintext")
+		}
+		if b.cfg.Profile {
+			args = append(args, "--cpuprofile", filepath.Join(dir, "cpu.pprof"))
 		}
 		return peers.StartProcess(ctx, t, addr, b.cfg.Child("peer-gateway", args...))
 	}
@@ -793,6 +799,7 @@ func (r *BenchResult) WriteTable(w io.Writer) error {
 //	--plaintext        plaintext_telemetry: fkx1 off
 //	--listen ADDR      default 127.0.0.1:0 (never :1883)
 //	--addr-file FILE   where to write the bound address (required)
+//	--cpuprofile FILE  write a CPU profile until the gateway stops
 //
 // The gateway takes any number of connections a second from one address
 // (the load comes from one), serves no metrics and follows no provisioning
@@ -805,6 +812,7 @@ func PeerGatewayMain(ctx context.Context, args []string) error {
 	plain := fs.Bool("plaintext", false, "plaintext_telemetry (fkx1 off)")
 	listen := fs.String("listen", "127.0.0.1:0", "`address` to listen on")
 	addrFile := fs.String("addr-file", "", "`file` to write the bound address to")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile to this `file`")
 	if err := fs.Parse(args); err != nil {
 		return fmt.Errorf("peer-gateway: %w", err)
 	}
@@ -834,5 +842,11 @@ func PeerGatewayMain(ctx context.Context, args []string) error {
 		return fmt.Errorf("peer-gateway: %w", err)
 	}
 	defer os.Remove(*addrFile)
+	stopProfile, err := CPUProfileTo(*cpuProfile)
+	if err != nil {
+		ln.Close()
+		return fmt.Errorf("peer-gateway: %w", err)
+	}
+	defer stopProfile()
 	return gw.Serve(ctx, ln, nil)
 }

@@ -44,6 +44,9 @@ type Limits struct {
 	// from TCP accept to a CONNECT packet. Defaults 10 s each.
 	HandshakeTimeout time.Duration
 	ConnectTimeout   time.Duration
+	// WriteTimeout bounds one write to a client; a client that takes no
+	// data for that long is disconnected (its session stays). Default 5 s.
+	WriteTimeout time.Duration
 	// MaxPacketSize in bytes, refused before it is allocated. Default 64 KiB.
 	MaxPacketSize uint32
 	// MaxWritesPending per client: the queue of messages waiting to be
@@ -74,6 +77,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.ConnectTimeout == 0 {
 		l.ConnectTimeout = 10 * time.Second
+	}
+	if l.WriteTimeout == 0 {
+		l.WriteTimeout = 5 * time.Second
 	}
 	if l.MaxPacketSize == 0 {
 		l.MaxPacketSize = 64 << 10
@@ -385,7 +391,7 @@ func (h *hook) ID() string { return "fleetkey" }
 func (h *hook) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnWillSent, mqtt.OnPacketRead, mqtt.OnQosComplete,
-		mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnSessionEstablished:
+		mqtt.OnSubscribed, mqtt.OnUnsubscribed, mqtt.OnSessionEstablished, mqtt.OnQosPublish, mqtt.OnPacketSent:
 		return true
 	}
 	return false
@@ -395,7 +401,7 @@ func (h *hook) Provides(b byte) bool {
 // a device's client id must be its device id; a service or admin uses its
 // own name.
 func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
-	tc, ok := cl.Net.Conn.(*tls.Conn)
+	tc, ok := cl.Net.Conn.(interface{ ConnectionState() tls.ConnectionState })
 	if !ok {
 		h.b.denyConnect("not-tls")
 		return false
@@ -417,16 +423,17 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		h.b.denyConnect("revoked", "identity", id.String())
 		return false
 	}
-	// The CONNECT is in: mochi sets keepalive read deadlines from here on;
-	// the write deadline of the connect phase must not linger.
-	_ = tc.SetWriteDeadline(time.Time{})
 	s := &session{id: id, serial: serial, leaf: leaf.Raw}
 	s.timer = time.AfterFunc(leaf.NotAfter.Sub(h.b.opts.Now()), func() { h.b.kick(cl, "expired") })
 	h.b.mu.Lock()
 	h.b.clients[cl] = s
 	h.b.mu.Unlock()
-	if h.b.fkx != nil && id.Role == identity.RoleDevice {
-		h.b.fkx.connected(id.Name)
+	if h.b.fkx != nil {
+		if id.Role == identity.RoleDevice {
+			h.b.fkx.connected(id.Name)
+		} else {
+			h.b.fkx.queued.Store(cl, new(atomic.Int32)) // before anything can be queued for it
+		}
 	}
 	return true
 }
@@ -548,6 +555,7 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	}
 	s.timer.Stop()
 	if h.b.fkx != nil {
+		h.b.fkx.queued.Delete(cl)
 		h.b.fkx.subscriptionsChanged()
 		h.b.fkx.room.signal()
 		if s.id.Role == identity.RoleDevice {
@@ -586,8 +594,30 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 // OnQosComplete wakes deliveries waiting for a subscriber's room.
 func (h *hook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
 	if h.b.fkx != nil {
-		h.b.fkx.subscriptionsChanged()
 		h.b.fkx.room.signal()
+	}
+}
+
+// OnQosPublish and OnPacketSent keep count of the QoS 1 messages mochi has
+// queued for a service but not yet written to it (engine.queued): mochi
+// drops what overflows a client's write queue, so deliveries wait for
+// that count as well as for the service's acknowledgements. Every QoS 1
+// PUBLISH mochi queues, holds for a receive quota or resends is announced
+// by OnQosPublish first and then written, which calls OnPacketSent.
+func (h *hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, resends int) {
+	if h.b.fkx != nil && pk.FixedHeader.Type == packets.Publish {
+		if n, ok := h.b.fkx.queued.Load(cl); ok {
+			n.(*atomic.Int32).Add(1)
+		}
+	}
+}
+
+func (h *hook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, b []byte) {
+	if h.b.fkx != nil && pk.FixedHeader.Type == packets.Publish && pk.FixedHeader.Qos > 0 {
+		if n, ok := h.b.fkx.queued.Load(cl); ok {
+			n.(*atomic.Int32).Add(-1)
+			h.b.fkx.room.signal()
+		}
 	}
 }
 

@@ -43,11 +43,12 @@ type Sessions struct {
 	// confirmed; more are refused. Default 64.
 	MaxQueuedCommands int
 	// SubscriberWindow is how many unacknowledged QoS 1 messages a service
-	// subscriber may have before deliveries wait for it (default
-	// MaxWritesPending less a margin for the delivery goroutines, so
-	// mochi's write queue for it never overflows and drops). SubscriberStall is how long they wait before the
-	// subscriber is disconnected, its session keeping what it has not
-	// acknowledged (default 30 s).
+	// subscriber may have before deliveries wait for it (default 1024).
+	// Deliveries also wait while mochi's write queue for it holds
+	// MaxWritesPending less a margin for the delivery goroutines, so that
+	// queue never overflows and drops. SubscriberStall is how long they
+	// wait before the subscriber is disconnected, its session keeping what
+	// it has not acknowledged (default 30 s).
 	SubscriberWindow int
 	SubscriberStall  time.Duration
 	// Plaintext relays records as they are (Options.PlaintextTelemetry):
@@ -88,16 +89,12 @@ type engine struct {
 	subsGen   atomic.Uint64
 	subsCache sync.Map // topic -> *subsEntry
 	ctx       context.Context
-	shards    []chan func()
-	// writing holds the writes to clients in progress (*guardedWrite),
-	// watched so a client that stops reading cannot stall the delivery
-	// goroutines, and with them every device.
-	writing sync.Map
-}
-
-type guardedWrite struct {
-	cl    *mqtt.Client
-	since time.Time
+	shards    []*shard
+	// queued counts, per service client (*mqtt.Client -> *atomic.Int32),
+	// the QoS 1 messages mochi has queued for it and not yet written; a
+	// delivery waits while it reaches queueWindow (see hook.OnQosPublish).
+	queued      sync.Map
+	queueWindow int
 }
 
 // deviceState is the gateway's fkx1 state of one device.
@@ -130,7 +127,7 @@ func newEngine(b *Broker, cfg Sessions) (*engine, error) {
 		cfg.MaxQueuedCommands = 64
 	}
 	if cfg.SubscriberWindow == 0 {
-		cfg.SubscriberWindow = max(int(b.limits.MaxWritesPending)-deliveryMargin, 1)
+		cfg.SubscriberWindow = 1024
 	}
 	if cfg.SubscriberStall == 0 {
 		cfg.SubscriberStall = 30 * time.Second
@@ -143,7 +140,8 @@ func newEngine(b *Broker, cfg Sessions) (*engine, error) {
 			return nil, err
 		}
 	}
-	e := &engine{b: b, cfg: cfg, rcfg: rcfg, devices: map[string]*deviceState{}, jobs: make(chan func(), cfg.QueueSize)}
+	e := &engine{b: b, cfg: cfg, rcfg: rcfg, devices: map[string]*deviceState{}, jobs: make(chan func(), cfg.QueueSize),
+		queueWindow: max(int(b.limits.MaxWritesPending)-deliveryMargin, 1)}
 	e.pub = b.mqtt.NewClient(nil, mqtt.LocalListener, "fleetkey-gateway", true)
 	e.cmdID.Store(uint64(time.Now().UnixNano())) // rises across restarts
 	e.room.ch = make(chan struct{})
@@ -174,17 +172,20 @@ func responderConfig(b *Broker, cfg Sessions) (*sessionkey.ResponderConfig, erro
 // start runs the workers, the delivery shards and the housekeeping until
 // ctx ends.
 func (e *engine) start(ctx context.Context) {
-	e.shards = make([]chan func(), min(max(2, e.cfg.Workers), deliveryMargin))
+	e.shards = make([]*shard, min(max(2, e.cfg.Workers), deliveryMargin))
 	for i := range e.shards {
-		ch := make(chan func(), 1024)
-		e.shards[i] = ch
+		sh := &shard{jobs: make(chan func(), 1024)}
+		e.shards[i] = sh
 		go func() {
 			for {
 				select {
 				case <-ctx.Done():
 					return
-				case job := <-ch:
+				case job := <-sh.jobs:
 					job()
+				}
+				if len(sh.acks) >= maxAcksPending || len(sh.acks) > 0 && len(sh.jobs) == 0 {
+					e.flushAcks(sh)
 				}
 			}
 		}()
@@ -203,16 +204,13 @@ func (e *engine) start(ctx context.Context) {
 		}()
 	}
 	go func() {
-		t := time.NewTicker(time.Second)
+		t := time.NewTicker(time.Minute)
 		defer t.Stop()
-		for n := 0; ; n++ {
+		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-t.C:
-			}
-			e.watchWrites()
-			if n%60 == 0 {
 				e.housekeeping()
 			}
 		}
@@ -320,12 +318,12 @@ func (e *engine) onPlaintext(cl *mqtt.Client, id identity.ID, p [4]string, pk pa
 		return true, packets.ErrRejectPacket
 	case id.Role == identity.RoleDevice && p[0] == "devices" && p[1] == id.Name && p[2] == "up":
 		topic := "fleet/telemetry/" + id.Name + "/" + p[3]
-		payload, ref := pk.Payload, ackOf(pk)
-		e.onShard(id.Name, func() {
-			e.waitRoom(topic)
+		payload, ref, sh := pk.Payload, ackOf(pk), e.shardOf(id.Name)
+		e.onShard(sh, func() {
+			e.waitRoom(sh, topic)
 			e.publish(topic, payload, nil)
 			e.stats.Records.Add(1)
-			e.ackGuarded(cl, ref)
+			e.ackOnShard(sh, cl, ref)
 		})
 		return true, packets.ErrRejectPacket
 	case id.Role != identity.RoleDevice && p[0] == "fleet" && p[1] == "commands":
@@ -394,17 +392,6 @@ type ackRef struct {
 
 func ackOf(pk packets.Packet) ackRef { return ackRef{qos: pk.FixedHeader.Qos, id: pk.PacketID} }
 
-// ackGuarded sends PUBACK from a delivery goroutine, which serves many
-// devices, under the write watchdog.
-func (e *engine) ackGuarded(cl *mqtt.Client, ref ackRef) {
-	if ref.qos == 0 {
-		return
-	}
-	e.guarded(cl, func() error {
-		return cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: ref.id})
-	})
-}
-
 // nack refuses a QoS 1 envelope: PUBACK 0x80 under MQTT 5; under 3.1.1,
 // which has no negative PUBACK, the connection is closed (FKX1.md,
 // Receiver), and the device reconnects and rekeys.
@@ -418,27 +405,6 @@ func (e *engine) nack(cl *mqtt.Client, pk packets.Packet, why string) {
 		return
 	}
 	cl.Stop(errors.New("fkx1: envelope refused: " + why))
-}
-
-// guarded runs a write to cl under the write watchdog.
-func (e *engine) guarded(cl *mqtt.Client, write func() error) {
-	g := &guardedWrite{cl: cl, since: time.Now()}
-	e.writing.Store(g, struct{}{})
-	_ = write()
-	e.writing.Delete(g)
-}
-
-// writeStall is how long one write may block before its client is cut off.
-const writeStall = 5 * time.Second
-
-func (e *engine) watchWrites() {
-	e.writing.Range(func(k, _ any) bool {
-		if g := k.(*guardedWrite); time.Since(g.since) > writeStall {
-			e.b.log.Warn("client not reading; disconnecting it", "client", g.cl.ID)
-			g.cl.Stop(errors.New("client stopped reading"))
-		}
-		return true
-	})
 }
 
 // publish sends payload from the gateway itself, at QoS 1.
@@ -563,35 +529,120 @@ func (e *engine) up(cl *mqtt.Client, id, channel string, pk packets.Packet) {
 	e.flushCommands(id, st)
 	rec := sink.Record{Device: id, Channel: channel, RecordID: binary.BigEndian.Uint64(pt), UnixMS: binary.BigEndian.Uint64(pt[8:]), Body: pt[recordHeader:]}
 	ref := ackOf(pk)
-	err = e.cfg.Sink.Submit(context.Background(), rec, func(r sink.Result) { e.onShard(id, func() { e.stored(cl, ref, st, kid, seq, &rec, r) }) })
+	sh := e.shardOf(id)
+	err = e.cfg.Sink.Submit(context.Background(), rec, func(r sink.Result) { e.onShard(sh, func() { e.stored(sh, cl, ref, st, kid, seq, &rec, r) }) })
 	if err != nil {
 		e.b.log.Error("telemetry sink", "err", err)
 		cl.Stop(err)
 	}
 }
 
-// onShard runs job on the delivery goroutine of device id: the sink's
-// results fan out to a few goroutines, each keeping its devices' order,
-// so one slow write does not hold every device's PUBACK.
-func (e *engine) onShard(id string, job func()) {
+// shard is one delivery goroutine: the sink's results fan out to a few,
+// each keeping its devices' order, so one slow write does not hold every
+// device's PUBACK. The PUBACKs its jobs earn wait in acks until its queue
+// is empty (or maxAcksPending have gathered) and then go out with one
+// write per device: under load a device has several records in each
+// group commit, and a write (a TLS record and a syscall) per PUBACK was
+// the largest single cost of a record.
+type shard struct {
+	jobs chan func()
+	acks []shardAck // only the shard's goroutine touches acks and buf
+	buf  []byte
+}
+
+type shardAck struct {
+	cl *mqtt.Client
+	id uint16
+}
+
+// maxAcksPending bounds the PUBACKs a shard holds back while its queue is
+// busy.
+const maxAcksPending = 256
+
+// shardOf is device id's delivery shard; nil before start (tests that
+// drive the engine directly), where jobs run at once.
+func (e *engine) shardOf(id string) *shard {
 	if e.ctx == nil {
-		job()
-		return
+		return nil
 	}
 	h := uint32(2166136261)
 	for i := 0; i < len(id); i++ {
 		h = (h ^ uint32(id[i])) * 16777619
 	}
+	return e.shards[h%uint32(len(e.shards))]
+}
+
+// onShard runs job on shard sh's goroutine (at once when sh is nil).
+func (e *engine) onShard(sh *shard, job func()) {
+	if sh == nil {
+		job()
+		return
+	}
 	select {
-	case e.shards[h%uint32(len(e.shards))] <- job:
+	case sh.jobs <- job:
 	case <-e.ctx.Done():
 	}
+}
+
+// ackOnShard acknowledges a QoS 1 record from its shard's goroutine: held
+// for the shard's next flush, or written at once without a shard.
+func (e *engine) ackOnShard(sh *shard, cl *mqtt.Client, ref ackRef) {
+	switch {
+	case ref.qos == 0:
+	case sh == nil:
+		_ = writeRaw(cl, appendPuback(nil, ref.id))
+	default:
+		sh.acks = append(sh.acks, shardAck{cl: cl, id: ref.id})
+	}
+}
+
+// flushAcks writes the shard's held PUBACKs, all of a device's in one
+// write, in the order they were earned.
+func (e *engine) flushAcks(sh *shard) {
+	acks := sh.acks
+	for i := range acks {
+		cl := acks[i].cl
+		if cl == nil {
+			continue // written with an earlier one of its device
+		}
+		buf := sh.buf[:0]
+		for j := i; j < len(acks); j++ {
+			if acks[j].cl == cl {
+				buf = appendPuback(buf, acks[j].id)
+				acks[j].cl = nil
+			}
+		}
+		_ = writeRaw(cl, buf)
+		sh.buf = buf
+	}
+	clear(acks) // drop the clients
+	sh.acks = acks[:0]
+}
+
+// appendPuback appends a PUBACK for packet id: four bytes, the same under
+// MQTT 3.1.1 and 5 (where a success with no properties omits its reason
+// code, MQTT 5 section 3.4.2.1).
+func appendPuback(dst []byte, id uint16) []byte {
+	return append(dst, packets.Puback<<4, 2, byte(id>>8), byte(id))
+}
+
+// writeRaw writes whole packets, already encoded, to a client's
+// connection under the lock mochi's own writes take, so they land
+// between mochi's packets, never inside one.
+func writeRaw(cl *mqtt.Client, b []byte) error {
+	if cl.Closed() || cl.Net.Conn == nil {
+		return mqtt.ErrConnectionClosed
+	}
+	cl.Lock()
+	defer cl.Unlock()
+	_, err := cl.Net.Conn.Write(b)
+	return err
 }
 
 // stored finishes a record the sink has settled: on success it marks the
 // envelope's seq, delivers the record (unless it was a duplicate) and
 // acknowledges it.
-func (e *engine) stored(cl *mqtt.Client, ref ackRef, st *deviceState, kid sessionkey.KID, seq uint64, rec *sink.Record, r sink.Result) {
+func (e *engine) stored(sh *shard, cl *mqtt.Client, ref ackRef, st *deviceState, kid sessionkey.KID, seq uint64, rec *sink.Record, r sink.Result) {
 	id, channel := rec.Device, rec.Channel
 	{
 		if r.Err != nil {
@@ -604,18 +655,18 @@ func (e *engine) stored(cl *mqtt.Client, ref ackRef, st *deviceState, kid sessio
 		if r.Duplicate {
 			e.stats.Duplicates.Add(1)
 		} else {
-			e.deliver("fleet/telemetry/"+id+"/"+channel, rec)
+			e.deliver(sh, "fleet/telemetry/"+id+"/"+channel, rec)
 			e.stats.Records.Add(1)
 		}
-		e.ackGuarded(cl, ref)
+		e.ackOnShard(sh, cl, ref)
 	}
 }
 
 // deliver publishes a stored record to the services, first waiting until
 // each connected QoS 1 subscriber has room: a slow service slows the
 // devices down instead of losing what they sent.
-func (e *engine) deliver(topic string, rec *sink.Record) {
-	e.waitRoom(topic)
+func (e *engine) deliver(sh *shard, topic string, rec *sink.Record) {
+	e.waitRoom(sh, topic)
 	e.publish(topic, rec.Body, []packets.UserProperty{
 		{Key: "record_id", Val: strconv.FormatUint(rec.RecordID, 10)},
 		{Key: "unix_ms", Val: strconv.FormatUint(rec.UnixMS, 10)},
@@ -706,17 +757,37 @@ func (r *roomSignal) signal() {
 	r.mu.Unlock()
 }
 
-// waitRoom waits until every connected QoS 1 subscriber of topic has
-// fewer than SubscriberWindow messages unacknowledged. One that makes no
-// room for SubscriberStall is disconnected; its session keeps them.
-func (e *engine) waitRoom(topic string) {
+// waitRoom waits until every connected QoS 1 subscriber of topic has room
+// (hasRoom). One that makes no room for SubscriberStall is disconnected;
+// its session keeps what it has not acknowledged.
+func (e *engine) waitRoom(sh *shard, topic string) {
 	for _, clientID := range e.qos1Subscribers(topic) {
 		cl, ok := e.b.mqtt.Clients.Get(clientID)
-		if !ok || cl.Net.Inline || cl.Closed() || cl.State.Inflight.Len() < e.cfg.SubscriberWindow {
+		if !ok || cl.Net.Inline || cl.Closed() || e.hasRoom(cl) {
 			continue
+		}
+		if sh != nil && len(sh.acks) > 0 {
+			e.flushAcks(sh) // what is stored and delivered is not held behind a slow service
 		}
 		e.waitFor(cl, clientID)
 	}
+}
+
+// hasRoom reports whether subscriber cl has fewer than SubscriberWindow
+// messages unacknowledged and fewer than queueWindow waiting in mochi's
+// write queue. The queued count is never taken above the unacknowledged
+// one (every queued QoS 1 message is also unacknowledged), so a count
+// that ever drifted high heals once the service catches up.
+func (e *engine) hasRoom(cl *mqtt.Client) bool {
+	inflight := cl.State.Inflight.Len()
+	if inflight >= e.cfg.SubscriberWindow {
+		return false
+	}
+	queued := inflight
+	if n, ok := e.queued.Load(cl); ok {
+		queued = min(int(n.(*atomic.Int32).Load()), inflight)
+	}
+	return queued < e.queueWindow
 }
 
 // waitFor waits until subscriber cl has room, or disconnects it after
@@ -730,7 +801,7 @@ func (e *engine) waitFor(cl *mqtt.Client, clientID string) {
 		defer deadline.Stop()
 		for {
 			ch := e.room.wait() // before the check, so no signal is missed
-			if cl.Closed() || cl.State.Inflight.Len() < e.cfg.SubscriberWindow {
+			if cl.Closed() || e.hasRoom(cl) {
 				return
 			}
 			select {

@@ -10,11 +10,15 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 
 	"fleetkey.dev/certs/identity"
 	"fleetkey.dev/gateway/sink"
@@ -48,7 +52,7 @@ func (c *testClock) Advance(d time.Duration) {
 
 // startFKX runs a broker with fkx1 over a sink in a temp dir; file, if
 // not nil, wraps the sink's file (slow or failing disks).
-func startFKX(t *testing.T, suites []sessionkey.Suite, file func(*os.File) sink.File, tune ...func(*Sessions)) *fkxEnv {
+func startFKX(t *testing.T, suites []sessionkey.Suite, file func(*os.File) sink.File, tune ...func(*Options)) *fkxEnv {
 	t.Helper()
 	f := &fkxEnv{sinkPath: filepath.Join(t.TempDir(), "telemetry.jsonl"), clk: &testClock{}}
 	osf, err := os.OpenFile(f.sinkPath, os.O_RDWR|os.O_CREATE, 0o600)
@@ -65,12 +69,11 @@ func startFKX(t *testing.T, suites []sessionkey.Suite, file func(*os.File) sink.
 	}
 	f.env = startWith(t, nil, func(o *Options) {
 		o.Now = f.clk.Now
-		s := &Sessions{Identity: sessionkey.Identity{Signer: o.Certificate.PrivateKey.(crypto.Signer), Chain: o.Certificate.Certificate},
+		o.Sessions = &Sessions{Identity: sessionkey.Identity{Signer: o.Certificate.PrivateKey.(crypto.Signer), Chain: o.Certificate.Certificate},
 			Suites: suites, Sink: snk}
 		for _, fn := range tune {
-			fn(s)
+			fn(o)
 		}
-		o.Sessions = s
 	})
 	t.Cleanup(func() { snk.Close() })
 	return f
@@ -421,7 +424,7 @@ func TestFKXSlowSink(t *testing.T) {
 // devices down; nothing acknowledged to a device is lost to the service.
 func TestFKXSlowSubscriber(t *testing.T) {
 	t.Parallel()
-	f := startFKX(t, nil, nil, func(s *Sessions) { s.SubscriberWindow = 64 })
+	f := startFKX(t, nil, nil, func(o *Options) { o.Sessions.SubscriberWindow = 64 })
 	_, got := f.service(true)
 	d := f.device("dev-a", sessionkey.Suite1)
 	d.handshake()
@@ -468,15 +471,67 @@ func TestFKXSlowSubscriber(t *testing.T) {
 	if mochiDropped := f.b.mqtt.Info.InflightDropped; mochiDropped != 0 {
 		t.Fatalf("mochi dropped %d messages", mochiDropped)
 	}
+	// Every message counted into the service's write queue was counted
+	// out as it was written.
+	cl, ok := f.b.mqtt.Clients.Get("analytics")
+	if !ok {
+		t.Fatal("no client analytics")
+	}
+	q, ok := f.b.fkx.queued.Load(cl)
+	if !ok {
+		t.Fatal("the service's write queue is not counted")
+	}
+	waitFor(t, "the service's write queue counted empty", func() bool { return q.(*atomic.Int32).Load() == 0 })
 }
 
-// TestFKXStalledSubscriberAndReader: a service that never acknowledges is
-// disconnected after SubscriberStall (its session keeps what it has not
-// acknowledged), and the devices go on; a client whose write has been
-// stuck past the watchdog's limit is disconnected.
-func TestFKXStalledSubscriberAndReader(t *testing.T) {
+// TestHasRoom: a subscriber has room below both its window of
+// unacknowledged messages and the write-queue window; the queued count
+// is never taken above the unacknowledged one.
+func TestHasRoom(t *testing.T) {
 	t.Parallel()
-	f := startFKX(t, nil, nil, func(s *Sessions) { s.SubscriberWindow, s.SubscriberStall = 8, 200*time.Millisecond })
+	e := &engine{cfg: Sessions{SubscriberWindow: 6}, queueWindow: 3}
+	cl := mqtt.New(nil).NewClient(nil, "t", "svc", false)
+	queued := new(atomic.Int32)
+	e.queued.Store(cl, queued)
+	inflight := func(n int) {
+		cl.State.Inflight = mqtt.NewInflights()
+		for i := 1; i <= n; i++ {
+			cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: uint16(i)})
+		}
+	}
+	for _, c := range []struct {
+		inflight int
+		queued   int32
+		room     bool
+	}{
+		{0, 0, true},
+		{5, 2, true},  // below both
+		{5, 3, false}, // the write queue is full
+		{6, 0, false}, // the window is full
+		{2, 9, true},  // a count gone high is capped at the unacknowledged
+		{4, 9, false},
+	} {
+		inflight(c.inflight)
+		queued.Store(c.queued)
+		if got := e.hasRoom(cl); got != c.room {
+			t.Errorf("inflight %d, queued %d: room %v, want %v", c.inflight, c.queued, got, c.room)
+		}
+	}
+	// A client whose queue is not counted (none is, but for safety) is
+	// taken as having every unacknowledged message queued.
+	e.queued.Delete(cl)
+	inflight(3)
+	if e.hasRoom(cl) {
+		t.Error("uncounted client with 3 unacknowledged: room, want none")
+	}
+}
+
+// TestFKXStalledSubscriber: a service that never acknowledges is
+// disconnected after SubscriberStall (its session keeps what it has not
+// acknowledged), and the devices go on.
+func TestFKXStalledSubscriber(t *testing.T) {
+	t.Parallel()
+	f := startFKX(t, nil, nil, func(o *Options) { o.Sessions.SubscriberWindow, o.Sessions.SubscriberStall = 8, 200*time.Millisecond })
 	svc, _ := f.service(true)
 	d := f.device("dev-a", sessionkey.Suite1)
 	d.handshake()
@@ -493,14 +548,6 @@ func TestFKXStalledSubscriberAndReader(t *testing.T) {
 		t.Fatalf("%d subscriber kicks", f.b.FKXStats().SubscriberKicks.Load())
 	}
 	waitFor(t, "the stalled service disconnected", func() bool { return !svc.IsConnectionOpen() })
-
-	cl, ok := f.b.mqtt.Clients.Get("dev-a")
-	if !ok {
-		t.Fatal("no client dev-a")
-	}
-	f.b.fkx.writing.Store(&guardedWrite{cl: cl, since: time.Now().Add(-writeStall - time.Second)}, struct{}{})
-	f.b.fkx.watchWrites()
-	waitFor(t, "the non-reading client disconnected", func() bool { return !d.c.IsConnectionOpen() })
 }
 
 // TestFKXKexFlood: garbage on kex/req is dropped before it costs a
@@ -508,7 +555,7 @@ func TestFKXStalledSubscriberAndReader(t *testing.T) {
 // workers' queue; its own next handshake still completes.
 func TestFKXKexFlood(t *testing.T) {
 	t.Parallel()
-	f := startFKX(t, nil, nil, func(s *Sessions) { s.Workers = 1 })
+	f := startFKX(t, nil, nil, func(o *Options) { o.Sessions.Workers = 1 })
 	d := f.device("dev-a", sessionkey.Suite1)
 	before := f.refusals("malformed")
 	d.publish("devices/dev-a/kex/req", []byte{0x01, 0x07, 0x01})
@@ -631,5 +678,52 @@ func TestFKXRefusalUnderMQTT5(t *testing.T) {
 	}
 	if f.refusals("malformed") < 2 {
 		t.Fatal("refusals not counted")
+	}
+}
+
+// TestFKXSubscriberThatStopsReading: a service that stops reading its
+// socket. mochi writes to it under the client's lock, which publishing to
+// it takes too, so the deliveries stall behind that write until
+// WriteTimeout closes the connection; then the devices go on. Nothing is
+// dropped from mochi's write queue on the way: deliveries also wait while
+// that queue is nearly full, long before the service's window of
+// unacknowledged messages (1024 by default) is reached.
+func TestFKXSubscriberThatStopsReading(t *testing.T) {
+	t.Parallel()
+	f := startFKX(t, nil, nil, func(o *Options) { o.Limits.WriteTimeout = 500 * time.Millisecond })
+	svc := f.rawConnect(t, f.leaf(f.issuer, identity.RoleService, "analytics"), "analytics", false)
+	filter := "fleet/telemetry/#"
+	sub := append([]byte{0, 1, 0, byte(len(filter))}, filter...)
+	sub = append(sub, 1)
+	if _, err := svc.Write(append([]byte{0x82, byte(len(sub))}, sub...)); err != nil {
+		t.Fatal(err)
+	}
+	ack := make([]byte, 5)
+	if _, err := io.ReadFull(svc, ack); err != nil || ack[0] != 0x90 || ack[4] != 1 {
+		t.Fatalf("SUBACK: % x, %v", ack, err)
+	}
+	// From here the service reads nothing. 600 records of 32 KB are more
+	// than the sockets between them buffer.
+	d := f.device("dev-a", sessionkey.Suite1)
+	d.handshake()
+	body := strings.Repeat("r", 32<<10)
+	toks := make([]paho.Token, 600)
+	for i := range toks {
+		toks[i] = d.c.Publish("devices/dev-a/up/telemetry", 1, false, d.record(body))
+	}
+	for i, tok := range toks {
+		if !tok.WaitTimeout(30*time.Second) || tok.Error() != nil {
+			t.Fatalf("record %d not acknowledged after the service that stopped reading was cut off: %v", i, tok.Error())
+		}
+	}
+	if n := atomic.LoadInt64(&f.b.mqtt.Info.MessagesDropped); n != 0 {
+		t.Fatalf("mochi dropped %d messages from its full write queue", n)
+	}
+	waitFor(t, "the service that stopped reading disconnected", func() bool {
+		cl, ok := f.b.mqtt.Clients.Get("analytics")
+		return !ok || cl.Closed()
+	})
+	if lines := f.sinkLines(); len(lines) != len(toks) {
+		t.Fatalf("sink holds %d of %d", len(lines), len(toks))
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"os"
 	"runtime/debug"
 	"strings"
 	"sync"
@@ -101,12 +102,13 @@ func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
 	}
 	defer l.untrack(raw)
 	tc := tls.Server(raw, b.tls)
+	cc := &clientConn{Conn: tc, timeout: b.limits.WriteTimeout}
 	defer func() {
 		if p := recover(); p != nil {
 			b.stats.Panics.Add(1)
 			b.log.Error("connection panicked; closed it, the gateway goes on", "remote", raw.RemoteAddr().String(), "panic", p, "stack", string(debug.Stack()))
 			tc.Close()
-			l.forget(tc)
+			l.forget(cc)
 		}
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), b.limits.HandshakeTimeout)
@@ -133,19 +135,55 @@ func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
 	b.stats.Handshakes.Add(1)
 	// mochi reads CONNECT without any deadline; it sets keepalive
 	// deadlines once the client is in.
-	_ = tc.SetDeadline(time.Now().Add(b.limits.ConnectTimeout))
-	_ = establish(l.id, tc)
+	_ = tc.SetReadDeadline(time.Now().Add(b.limits.ConnectTimeout))
+	_ = establish(l.id, cc)
 }
+
+// clientConn is a client's connection as mochi has it. Every write has a
+// deadline, Limits.WriteTimeout, and a write that misses it closes the
+// connection. mochi sets no write deadline of its own (its keepalive
+// SetDeadline is taken here as the read deadline it is meant to be), and
+// it writes under the client's lock, which publishing to that client takes
+// too: without this, a client that stops reading would hold up whoever
+// publishes to it, the gateway's delivery goroutines included, until its
+// keepalive ran out, or for ever with a keepalive of 0.
+type clientConn struct {
+	*tls.Conn
+	timeout time.Duration
+	until   atomic.Int64 // the write deadline set, in Unix nanoseconds
+}
+
+// Write moves the write deadline only when less than half the timeout is
+// left of it: a stalled write is cut off after between half the timeout
+// and all of it, and most writes cost no deadline update.
+func (c *clientConn) Write(b []byte) (int, error) {
+	now := time.Now()
+	if now.UnixNano()+int64(c.timeout/2) > c.until.Load() {
+		d := now.Add(c.timeout)
+		_ = c.Conn.SetWriteDeadline(d)
+		c.until.Store(d.UnixNano())
+	}
+	n, err := c.Conn.Write(b)
+	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		// A TLS connection is broken after a timed-out write; closing it
+		// ends mochi's read loop, and with it the client.
+		c.Conn.NetConn().Close()
+	}
+	return n, err
+}
+
+// SetDeadline is mochi's keepalive: a read deadline.
+func (c *clientConn) SetDeadline(t time.Time) error { return c.Conn.SetReadDeadline(t) }
 
 // forget removes what mochi kept of a client whose goroutine panicked:
 // its session (without its Will: a crash is not the client's last word)
 // and its subscriptions.
-func (l *listener) forget(tc *tls.Conn) {
+func (l *listener) forget(cc *clientConn) {
 	b := l.b
 	b.mu.Lock()
 	var victim *mqtt.Client
 	for cl, s := range b.clients {
-		if cl.Net.Conn == net.Conn(tc) {
+		if cl.Net.Conn == net.Conn(cc) {
 			victim = cl
 			s.timer.Stop()
 		}

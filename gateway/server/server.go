@@ -58,9 +58,12 @@ type Config struct {
 	// Limits of the broker; zero values are the broker's defaults.
 	HandshakeTimeout time.Duration `yaml:"handshake_timeout"`
 	ConnectTimeout   time.Duration `yaml:"connect_timeout"`
-	MaxPacketSize    uint32        `yaml:"max_packet_size"`
-	MaxClients       int64         `yaml:"max_clients"`
-	BufferSize       int           `yaml:"buffer_size"`
+	// WriteTimeout bounds one write to a client; one that takes no data for
+	// that long is disconnected (default 5s).
+	WriteTimeout  time.Duration `yaml:"write_timeout"`
+	MaxPacketSize uint32        `yaml:"max_packet_size"`
+	MaxClients    int64         `yaml:"max_clients"`
+	BufferSize    int           `yaml:"buffer_size"`
 	// ConnPerSecondPerAddr bounds new connections per second from one IP
 	// address (default 200); a load generator on one address needs more.
 	ConnPerSecondPerAddr int `yaml:"conn_per_second_per_addr"`
@@ -132,6 +135,9 @@ func (c Config) Validate() error {
 	if _, port, _ := net.SplitHostPort(c.Listen); port == "1883" {
 		return errors.New("config listen: 1883 is plaintext MQTT's port; the gateway speaks only MQTT over TLS (8883)")
 	}
+	if c.HandshakeTimeout < 0 || c.ConnectTimeout < 0 || c.WriteTimeout < 0 {
+		return errors.New("config handshake_timeout, connect_timeout and write_timeout must not be negative (0 is the default)")
+	}
 	if c.ConnPerSecondPerAddr < 0 || c.MaxClients < 0 || c.BufferSize < 0 {
 		return errors.New("config conn_per_second_per_addr, max_clients and buffer_size must not be negative (0 is the default)")
 	}
@@ -193,7 +199,7 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 		suites = append(suites, sessionkey.Suite(s))
 	}
 	opts := broker.Options{Bundle: bundle, Certificate: cert, Log: log, RequireTPM: cfg.RequireTPM,
-		Limits: broker.Limits{HandshakeTimeout: cfg.HandshakeTimeout, ConnectTimeout: cfg.ConnectTimeout, MaxPacketSize: cfg.MaxPacketSize, MaxClients: cfg.MaxClients, BufferSize: cfg.BufferSize,
+		Limits: broker.Limits{HandshakeTimeout: cfg.HandshakeTimeout, ConnectTimeout: cfg.ConnectTimeout, WriteTimeout: cfg.WriteTimeout, MaxPacketSize: cfg.MaxPacketSize, MaxClients: cfg.MaxClients, BufferSize: cfg.BufferSize,
 			ConnPerSecondPerAddr: cfg.ConnPerSecondPerAddr},
 		Sessions: &broker.Sessions{Identity: sessionkey.Identity{Signer: signer, Chain: cert.Certificate}, Suites: suites, Sink: snk,
 			Rotation: sessionkey.Rotation{GenerationEvery: cfg.GenerationEvery, EpochEvery: cfg.EpochEvery, RetireAfter: cfg.RetireAfter}}}

@@ -101,6 +101,7 @@ func TestConfigRefusals(t *testing.T) {
 		{"fail/provisioning-http", "provisioning: http://x:8443\n", "https://"},
 		{"fail/unknown-key", "lisen: ':8883'\n", "field lisen not found"},
 		{"fail/conn-rate", "conn_per_second_per_addr: -1\n", "must not be negative"},
+		{"fail/write-timeout", "write_timeout: -1s\n", "write_timeout must not be negative"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			p := filepath.Join(t.TempDir(), "c.yaml")

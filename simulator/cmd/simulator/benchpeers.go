@@ -35,6 +35,8 @@ flags:
   --targets LIST          default fleetkey-fkx1,fleetkey-mqtt,mochi,mosquitto
   --dir DIR               PKI, identity cache, brokers' files (default a new temporary directory, removed after)
   --json FILE             write every round's figures and run summaries as JSON
+  --profile               each fleetkey gateway writes a CPU profile, cpu.pprof, in its
+                          run's directory under --dir (go tool pprof bin/simulator FILE)
 `
 
 // benchPeers is `simulator bench-peers`.
@@ -53,6 +55,7 @@ func benchPeers(ctx context.Context, args []string) error {
 	targets := fs.String("targets", strings.Join(simulator.BenchTargets, ","), "targets")
 	dir := fs.String("dir", "", "state directory (default a new temporary one, removed after the run)")
 	jsonOut := fs.String("json", "", "write the raw figures as JSON here")
+	fs.BoolVar(&cfg.Profile, "profile", false, "fleetkey gateways write cpu.pprof into their run directories")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}

@@ -17,7 +17,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -83,23 +82,6 @@ func main() {
 	}
 }
 
-// cpuProfileTo starts a CPU profile written to path ("" : none) and
-// returns what stops it.
-func cpuProfileTo(path string) (stop func(), err error) {
-	if path == "" {
-		return func() {}, nil
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		return nil, err
-	}
-	if err := pprof.StartCPUProfile(f); err != nil {
-		f.Close()
-		return nil, err
-	}
-	return func() { pprof.StopCPUProfile(); f.Close() }, nil
-}
-
 func stateDir(flagDir string) (string, error) {
 	if flagDir != "" {
 		return flagDir, os.MkdirAll(flagDir, 0o700)
@@ -114,7 +96,7 @@ func local(ctx context.Context, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	stopProfile, err := cpuProfileTo(*cpuProfile)
+	stopProfile, err := simulator.CPUProfileTo(*cpuProfile)
 	if err != nil {
 		return err
 	}
@@ -337,7 +319,7 @@ func run(ctx context.Context, args []string) error {
 		return errors.New("--identities fast needs the fleet CA: --local, or --pki DIR")
 	}
 	cfg.AttackEnv.Revoke = revoke
-	stopProfile, err := cpuProfileTo(*cpuProfile)
+	stopProfile, err := simulator.CPUProfileTo(*cpuProfile)
 	if err != nil {
 		return err
 	}
