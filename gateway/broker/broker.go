@@ -58,11 +58,13 @@ type Limits struct {
 	MaxWritesPending int32
 	// MaxClients connected at once. Default 50,000.
 	MaxClients int64
-	// BufferSize of each client's read and write buffers in mochi. Device
-	// packets are a few hundred bytes, and at tens of thousands of
-	// connections these buffers are a large part of what each costs, so the
-	// default is 512 bytes (mochi's is 2 KiB); raise it for clients that
-	// stream large messages.
+	// BufferSize of each client's read buffer in mochi. Device packets are
+	// a few hundred bytes, and at tens of thousands of connections these
+	// buffers are a large part of what each costs, so the default is 512
+	// bytes (mochi's is 2 KiB); raise it for clients that stream large
+	// messages. Writes are gathered into one of up to writeGather bytes
+	// while more wait in a client's queue; that buffer lives only as long
+	// as the queue is busy.
 	BufferSize int
 	// ConnPerSecondPerAddr bounds new connections from one IP address (a
 	// token bucket with a burst of twice as many); more are closed before
@@ -70,6 +72,11 @@ type Limits struct {
 	// many devices behind one address.
 	ConnPerSecondPerAddr int
 }
+
+// writeGather bounds what mochi gathers for one write to a client whose
+// queue is busy (a service taking thousands of records a second): one TLS
+// record's worth.
+const writeGather = 16 << 10
 
 func (l Limits) withDefaults() Limits {
 	if l.HandshakeTimeout == 0 {
@@ -207,7 +214,7 @@ func New(opts Options) (*Broker, error) {
 	caps.MaximumClients = b.limits.MaxClients
 	caps.MaximumSessionExpiryInterval = 24 * 60 * 60
 	b.mqtt = mqtt.New(&mqtt.Options{Capabilities: caps, Logger: opts.Log.With("component", "mochi"), InlineClient: true,
-		ClientNetReadBufferSize: b.limits.BufferSize, ClientNetWriteBufferSize: b.limits.BufferSize})
+		ClientNetReadBufferSize: b.limits.BufferSize, ClientNetWriteBufferSize: writeGather})
 	if err := b.mqtt.AddHook(&hook{b: b}, nil); err != nil {
 		return nil, err
 	}
