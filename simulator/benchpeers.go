@@ -73,8 +73,9 @@ type BenchConfig struct {
 	Payload            int
 	// KDFIterations for the new PKI's CA keys (0: pkidir's default).
 	KDFIterations int
-	// Child makes the command of a broker child process: sub is
-	// "peer-mochi" (peers.MochiMain) or "peer-gateway" (PeerGatewayMain).
+	// Child makes the command of a child process: sub is "peer-mochi"
+	// (peers.MochiMain), "peer-gateway" (PeerGatewayMain) or
+	// "peer-service" (PeerServiceMain).
 	Child func(sub string, args ...string) *exec.Cmd
 	// Progress, if set, gets a line per target and round.
 	Progress io.Writer
@@ -503,6 +504,9 @@ func (b *bench) throughput(ctx context.Context, p *peers.Peer, base RunConfig, t
 	cfg.Devices, cfg.Identities = n, b.ids[:n]
 	cfg.Duration, cfg.Interval, cfg.AtMostOnce = b.cfg.Duration, b.cfg.Interval, qos0
 	cfg.Service = &b.service
+	cfg.ServiceCmd = func(args ...string) *exec.Cmd {
+		return b.cfg.Child("peer-service", append([]string{"--pki", b.pki}, args...)...)
+	}
 	if t == BenchFleetkeyMQTT {
 		cfg.ServiceTopic = "fleet/telemetry/+/telemetry"
 	}
@@ -694,7 +698,7 @@ func (b *bench) notes(res *BenchResult) []string {
 	notes := []string{
 		fmt.Sprintf("connect storm: %d devices (own keys and certificates), offered at %g/s (open model; latency from each device's intended start, so queueing counts), max handshakes in flight %s; connects/s = devices ready / (first intended start to last ready); p99 connect = to CONNACK (mqtt targets) or to the first fkx1 epoch (fleetkey-fkx1); KB/device = peak RSS during the storm minus RSS before it, over the devices connected",
 			c.Devices, c.Rate, map[bool]string{true: "unlimited", false: fmt.Sprint(c.MaxHandshakes)}[c.MaxHandshakes == 0]),
-		fmt.Sprintf("throughput: %d devices, one %d-byte record each every %s (%.0f msg/s offered) for %s, with one service client subscribed (QoS 1); QoS 1 acked/s = PUBACKs a second, delivered/s and QoS 0 msg/s = records the service received a second, each over the span from the first to the last (a broker that falls behind is measured at the pace it kept); QoS 1 lost = acknowledged but never received by the service (fleetkey-fkx1: never stored in its sink), as a share of those acknowledged; a run ends %s after the load, so a broker that fell further behind leaves records unacknowledged (listed below, not counted as lost); a device keeps at most 1,024 records waiting for their PUBACK and drops the oldest beyond that (listed below): those were sent, and their PUBACKs, if any, are not counted, so delivered/s is then the truer figure",
+		fmt.Sprintf("throughput: %d devices, one %d-byte record each every %s (%.0f msg/s offered) for %s, with one service client subscribed (QoS 1; paho, in a process of its own, so that its acknowledgements do not wait behind the devices in the generator's scheduler); QoS 1 acked/s = PUBACKs a second, delivered/s and QoS 0 msg/s = records the service received a second, each over the span from the first to the last (a broker that falls behind is measured at the pace it kept); QoS 1 lost = acknowledged but never received by the service (fleetkey-fkx1: never stored in its sink), as a share of those acknowledged; a run ends %s after the load, so a broker that fell further behind leaves records unacknowledged (listed below, not counted as lost); a device keeps at most 1,024 records waiting for their PUBACK and drops the oldest beyond that (listed below): those were sent, and their PUBACKs, if any, are not counted, so delivered/s is then the truer figure",
 			c.ThroughputDevices, c.Payload, c.Interval, float64(c.ThroughputDevices)/c.Interval.Seconds(), c.Duration, benchDrain),
 		"broker CPU = user and system time of the broker's process (/proc/PID/stat) over the storm, per device made ready, and over each throughput run, per record published; on a machine the generator shares, a broker that needs less CPU leaves more to the load",
 		"fleetkey-fkx1 PUBACKs a record only once it is decrypted and fsync'd to the gateway's telemetry sink (group commit): that is the product, measured as is; the other targets PUBACK from memory",

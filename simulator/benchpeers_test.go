@@ -21,7 +21,8 @@ const benchHelperEnv = "FLEETKEY_BENCH_PEER"
 
 // TestBenchPeerHelper is not a test: it is a broker child of
 // TestBenchPeers, which re-runs this test binary with benchHelperEnv set to
-// the subcommand (peer-mochi, peer-gateway) and its arguments after "--".
+// the subcommand (peer-mochi, peer-gateway, peer-service) and its
+// arguments after "--".
 func TestBenchPeerHelper(t *testing.T) {
 	sub := os.Getenv(benchHelperEnv)
 	if sub == "" {
@@ -42,6 +43,8 @@ func TestBenchPeerHelper(t *testing.T) {
 		err = peers.MochiMain(ctx, args)
 	case "peer-gateway":
 		err = PeerGatewayMain(ctx, args)
+	case "peer-service":
+		err = PeerServiceMain(ctx, args, os.Stdout)
 	default:
 		err = fmt.Errorf("unknown helper %q", sub)
 	}
@@ -167,5 +170,21 @@ func TestMedian(t *testing.T) {
 		if got := median(slices.Clone(c.in)); got != c.want {
 			t.Errorf("median(%v) = %v, want %v", c.in, got, c.want)
 		}
+	}
+}
+
+// TestExternalServiceRefusals: a service process that cannot subscribe
+// fails the run with what it said; commands need the service in process.
+func TestExternalServiceRefusals(t *testing.T) {
+	t.Parallel()
+	cfg := &RunConfig{Gateway: "127.0.0.1:1", channels: []string{"telemetry"},
+		ServiceCmd: func(args ...string) *exec.Cmd { return benchChild("peer-service", args...) }}
+	_, err := startReceiver(t.Context(), cfg, newMeter(time.Now()))
+	if err == nil || !strings.Contains(err.Error(), "ended before it subscribed") || !strings.Contains(err.Error(), "--pki, --gateway and --topic are required") {
+		t.Fatalf("a service process without --pki: %v", err)
+	}
+	cfg.CommandRate = 1
+	if _, err := startReceiver(t.Context(), cfg, newMeter(time.Now())); err == nil || !strings.Contains(err.Error(), "commands need the service in this process") {
+		t.Fatalf("commands with a service process: %v", err)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -73,6 +74,13 @@ type RunConfig struct {
 	// CommandRate is commands per second the service sends to connected
 	// devices, in all (TargetFleetkey).
 	CommandRate float64
+	// ServiceCmd, if set, runs the service's MQTT client in a process of
+	// its own (`simulator peer-service`, made by ServiceCmd with the
+	// arguments given), which streams what it receives back: a service in
+	// the generator's process waits for the Go scheduler behind every
+	// device, and its slow acknowledgements then pace any broker that
+	// keeps a window of them (bench-peers). No commands then.
+	ServiceCmd func(args ...string) *exec.Cmd
 	// Attacks run against the stack during the run, one after another,
 	// with what they need from it.
 	Attacks   []Attack

@@ -70,6 +70,8 @@ func main() {
 		err = peerMochi(ctx, os.Args[2:])
 	case "peer-gateway":
 		err = peerGateway(ctx, os.Args[2:])
+	case "peer-service":
+		err = simulator.PeerServiceMain(ctx, os.Args[2:], os.Stdout)
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 		return
