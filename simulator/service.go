@@ -23,6 +23,7 @@ import (
 
 	"fleetkey.dev/certs/trust"
 	"fleetkey.dev/device-agent/agent"
+	"fleetkey.dev/simulator/peers"
 )
 
 // receiver is the service side of a run, a real MQTT client (paho) with a
@@ -149,7 +150,7 @@ func (r *receiver) startExternal(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	stderr := &tailBuffer{max: 4 << 10}
+	stderr := peers.NewTail(4 << 10)
 	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("starting the service process: %w", err)
@@ -191,29 +192,6 @@ func (r *receiver) startExternal(ctx context.Context) error {
 	case <-ctx.Done():
 		return fail("was stopped before it subscribed")
 	}
-}
-
-// tailBuffer keeps the last max bytes written to it (a child's stderr).
-type tailBuffer struct {
-	mu  sync.Mutex
-	max int
-	b   []byte
-}
-
-func (t *tailBuffer) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.b = append(t.b, p...)
-	if len(t.b) > t.max {
-		t.b = append(t.b[:0], t.b[len(t.b)-t.max:]...)
-	}
-	return len(p), nil
-}
-
-func (t *tailBuffer) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return string(t.b)
 }
 
 // record takes one delivered record as it arrives.

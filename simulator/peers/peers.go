@@ -232,9 +232,9 @@ func StartProcess(ctx context.Context, name string, addrFile string, cmd *exec.C
 	if err := os.Remove(addrFile); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	var tail *tailBuffer
+	var tail *Tail
 	if cmd.Stderr == nil {
-		tail = &tailBuffer{max: 4096}
+		tail = NewTail(4096)
 		cmd.Stderr = tail
 	}
 	if cmd.SysProcAttr == nil {
@@ -277,14 +277,18 @@ func StartProcess(ctx context.Context, name string, addrFile string, cmd *exec.C
 	}
 }
 
-// tailBuffer keeps the last max bytes written to it.
-type tailBuffer struct {
+// NewTail keeps the last max bytes written to it.
+func NewTail(max int) *Tail { return &Tail{max: max} }
+
+// Tail keeps the last bytes written to it (a child process's stderr, for
+// its error messages).
+type Tail struct {
 	mu  sync.Mutex
 	max int
 	b   []byte
 }
 
-func (t *tailBuffer) Write(p []byte) (int, error) {
+func (t *Tail) Write(p []byte) (int, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.b = append(t.b, p...)
@@ -294,7 +298,7 @@ func (t *tailBuffer) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func (t *tailBuffer) String() string {
+func (t *Tail) String() string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return string(t.b)
