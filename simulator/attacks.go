@@ -64,9 +64,11 @@ type AttackEnv struct {
 	// them the revoked-cert attack cannot run.
 	Revoke Revoker
 	Enroll func(ctx context.Context, id string) (*agent.Credentials, error)
-	// Refusals reads the gateway's refusal counters (stage, reason); nil
-	// when they cannot be read.
-	Refusals func() map[[2]string]int64
+	// Refusals reads the gateway's refusal counters (stage, reason): in
+	// process (LocalStack.Refusals) or from its metrics (ScrapeRefusals).
+	// Nil when there is no way to read them; an attack's verdict then
+	// rests on what the attacker saw alone.
+	Refusals func() (map[[2]string]int64, error)
 }
 
 // ParseAttacks parses --attack: "all" or a comma-separated list of names,
@@ -295,7 +297,11 @@ func tryAttack(ctx context.Context, cfg *RunConfig, f *fleet, a Attack, marker u
 	res := AttackResult{Name: a.Name, Seen: map[string]int64{}, Expect: strings.Join(attackExpect[a.Name], " or "), OK: true}
 	var before map[[2]string]int64
 	if env.Refusals != nil {
-		before = env.Refusals()
+		var err error
+		if before, err = env.Refusals(); err != nil {
+			res.OK, res.Verdict = false, "could not run: "+err.Error()
+			return res
+		}
 	}
 	victim := deviceID(0)
 	for i := range a.Tries {
@@ -315,7 +321,11 @@ func tryAttack(ctx context.Context, cfg *RunConfig, f *fleet, a Attack, marker u
 		}
 	}
 	if env.Refusals != nil {
-		after := env.Refusals()
+		after, err := env.Refusals()
+		if err != nil {
+			res.OK, res.Verdict = false, "tried, but "+err.Error()
+			return res
+		}
 		res.Gateway = map[string]int64{}
 		for k, n := range after {
 			if d := n - before[k]; d > 0 {

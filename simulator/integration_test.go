@@ -60,7 +60,8 @@ func TestFleet200(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(sum.Problems) > 0 {
-		t.Fatalf("problems: %v\nfaults %v\nerrors %v\ngateway refusals %v", sum.Problems, sum.Faults, sum.Errors, s.Refusals())
+		refusals, _ := s.Refusals()
+		t.Fatalf("problems: %v\nfaults %v\nerrors %v\ngateway refusals %v", sum.Problems, sum.Faults, sum.Errors, refusals)
 	}
 	// Enrollment over EST, then every device ready and every record stored
 	// once, across churn, the storm and the restart.

@@ -38,19 +38,23 @@ type Stack struct {
 	// Provisioning is the service's base URL; Gateway its MQTT-over-TLS
 	// address; Sink the gateway's telemetry file.
 	Provisioning, Gateway, Sink string
+	// Metrics is the gateway's metrics URL (Prometheus text: its refusal
+	// counters, for attacks run from another process: run --metrics).
+	Metrics string
 	// RootCAs authenticate both.
-	RootCAs   *x509.CertPool
-	admin     tls.Certificate
-	log       *slog.Logger
-	ctx       context.Context
-	cancel    context.CancelFunc // provisioning
-	cancelGW  context.CancelFunc
-	done      chan error
-	gwDone    chan error
-	mu        sync.Mutex
-	gw        *gwserver.Gateway
-	adminHTTP *http.Client
-	opts      LocalOptions
+	RootCAs *x509.CertPool
+	// The admin API, with the fleet's admin certificate: Revoke, AllowEK,
+	// Token.
+	*Admin
+	log      *slog.Logger
+	ctx      context.Context
+	cancel   context.CancelFunc // provisioning
+	cancelGW context.CancelFunc
+	done     chan error
+	gwDone   chan error
+	mu       sync.Mutex
+	gw       *gwserver.Gateway
+	opts     LocalOptions
 }
 
 // LocalOptions adjust the local stack.
@@ -91,7 +95,8 @@ func StartLocalWith(ctx context.Context, dir string, log *slog.Logger, opts Loca
 		return nil, err
 	}
 	s.RootCAs = bundle.RootPool()
-	if s.admin, err = tls.LoadX509KeyPair(filepath.Join(s.PKI, "admin.crt"), filepath.Join(s.PKI, "admin.key")); err != nil {
+	admin, err := tls.LoadX509KeyPair(filepath.Join(s.PKI, "admin.crt"), filepath.Join(s.PKI, "admin.key"))
+	if err != nil {
 		return nil, err
 	}
 	ctx, s.cancel = context.WithCancel(ctx)
@@ -109,25 +114,34 @@ func StartLocalWith(ctx context.Context, dir string, log *slog.Logger, opts Loca
 	}
 	go func() { s.done <- prov.Serve(ctx, pln, nil) }()
 	s.Provisioning = "https://localhost:" + portOf(pln.Addr())
+	s.Admin = NewAdmin(s.Provisioning, s.RootCAs, admin)
 	gln, err := listenBelowEphemeral()
 	if err != nil {
 		s.cancel()
 		return nil, err
 	}
-	if err := s.startGateway(gln); err != nil {
+	mln, err := listenBelowEphemeral()
+	if err != nil {
+		gln.Close()
+		s.cancel()
+		return nil, err
+	}
+	if err := s.startGateway(gln, mln); err != nil {
 		s.cancel()
 		return nil, err
 	}
 	s.Gateway = "localhost:" + portOf(gln.Addr())
+	s.Metrics = "http://127.0.0.1:" + portOf(mln.Addr()) + "/metrics"
 	return s, nil
 }
 
-// startGateway builds the gateway and serves it on ln.
-func (s *Stack) startGateway(ln net.Listener) error {
+// startGateway builds the gateway and serves it on ln, its metrics on mln.
+func (s *Stack) startGateway(ln, mln net.Listener) error {
 	gw, err := gwserver.New(gwserver.Config{PKIDir: s.PKI, Provisioning: s.Provisioning, TelemetrySink: s.Sink, MetricsListen: "off",
 		Listen: "127.0.0.1:0", ConnPerSecondPerAddr: s.opts.ConnPerSecondPerAddr, PlaintextTelemetry: s.opts.PlaintextTelemetry, RequireTPM: s.opts.RequireTPM}, s.log.With("service", "gateway"))
 	if err != nil {
 		ln.Close()
+		mln.Close()
 		return fmt.Errorf("gateway: %w", err)
 	}
 	s.mu.Lock()
@@ -137,7 +151,7 @@ func (s *Stack) startGateway(ln net.Listener) error {
 	gctx, s.cancelGW = context.WithCancel(s.ctx)
 	done := make(chan error, 1)
 	s.gwDone = done
-	go func() { done <- gw.Serve(gctx, ln, nil) }()
+	go func() { done <- gw.Serve(gctx, ln, mln) }()
 	return nil
 }
 
@@ -150,22 +164,30 @@ func (s *Stack) RestartGateway() error {
 	case <-time.After(15 * time.Second):
 		return errors.New("the gateway did not stop within 15 s")
 	}
-	addr := "127.0.0.1:" + s.Gateway[strings.LastIndexByte(s.Gateway, ':')+1:]
-	var ln net.Listener
-	var err error
-	// A moment's grace: an outgoing connection may hold the port for a
-	// while (the port is kept out of the ephemeral range, but another
-	// program may still pick it).
-	for wait, deadline := 10*time.Millisecond, time.Now().Add(5*time.Second); ; wait = min(2*wait, 500*time.Millisecond) {
-		if ln, err = net.Listen("tcp", addr); err == nil || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(wait)
-	}
+	ln, err := listenAgain("127.0.0.1:" + s.Gateway[strings.LastIndexByte(s.Gateway, ':')+1:])
 	if err != nil {
 		return fmt.Errorf("the gateway's port: %w", err)
 	}
-	return s.startGateway(ln)
+	mln, err := listenAgain(strings.TrimSuffix(strings.TrimPrefix(s.Metrics, "http://"), "/metrics"))
+	if err != nil {
+		ln.Close()
+		return fmt.Errorf("the gateway's metrics port: %w", err)
+	}
+	return s.startGateway(ln, mln)
+}
+
+// listenAgain listens on addr, which a server has just let go of, with a
+// moment's grace: an outgoing connection may hold the port for a while
+// (ports are kept out of the ephemeral range, but another program may
+// still pick one).
+func listenAgain(addr string) (net.Listener, error) {
+	for wait, deadline := 10*time.Millisecond, time.Now().Add(5*time.Second); ; wait = min(2*wait, 500*time.Millisecond) {
+		ln, err := net.Listen("tcp", addr)
+		if err == nil || time.Now().After(deadline) {
+			return ln, err
+		}
+		time.Sleep(wait)
+	}
 }
 
 // listenBelowEphemeral listens on a free loopback port below the kernel's
@@ -217,22 +239,30 @@ func (s *Stack) Stop() error {
 	return errors.Join(errs...)
 }
 
-// admin calls the provisioning admin API (admin mTLS) and returns the
-// answer's body.
-func (s *Stack) adminCall(ctx context.Context, path string, in any, what string) ([]byte, error) {
-	s.mu.Lock()
-	if s.adminHTTP == nil {
-		s.adminHTTP = &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: s.RootCAs, Certificates: []tls.Certificate{s.admin}}}}
-	}
-	c := s.adminHTTP
-	s.mu.Unlock()
+// Admin calls a provisioning service's admin API with the fleet's admin
+// certificate (mTLS): the local stack's, or one run elsewhere (`simulator
+// run --provisioning URL --pki DIR`).
+type Admin struct {
+	url    string
+	client *http.Client
+}
+
+// NewAdmin is the admin API of the provisioning service at url (https),
+// whose certificate roots verifies.
+func NewAdmin(url string, roots *x509.CertPool, cert tls.Certificate) *Admin {
+	return &Admin{url: url, client: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots, Certificates: []tls.Certificate{cert}}}}}
+}
+
+// call posts in as JSON to path and returns the answer's body.
+func (a *Admin) call(ctx context.Context, path string, in any, what string) ([]byte, error) {
 	body, _ := json.Marshal(in)
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.Provisioning+path, bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, a.url+path, bytes.NewReader(body))
 	if err != nil {
 		return nil, err
 	}
 	req.Header.Set("Content-Type", "application/json")
-	resp, err := c.Do(req)
+	resp, err := a.client.Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
@@ -246,24 +276,25 @@ func (s *Stack) adminCall(ctx context.Context, path string, in any, what string)
 
 // Revoke revokes device id's certificates through the admin API; the
 // gateway hears of it on the revocation feed.
-func (s *Stack) Revoke(ctx context.Context, id string) error {
-	_, err := s.adminCall(ctx, "/admin/v1/devices/"+id+"/revoke", map[string]string{"reason": "keyCompromise"}, "revoking "+id)
+func (a *Admin) Revoke(ctx context.Context, id string) error {
+	_, err := a.call(ctx, "/admin/v1/devices/"+id+"/revoke", map[string]string{"reason": "keyCompromise"}, "revoking "+id)
 	return err
 }
 
 // AllowEK adds an EK hash (SHA-256 of its SubjectPublicKeyInfo) to the
 // provisioning service's allowlist through the admin API.
-func (s *Stack) AllowEK(ctx context.Context, hash []byte) error {
-	_, err := s.adminCall(ctx, "/admin/v1/eks", map[string]any{"hashes": []string{hex.EncodeToString(hash)}, "label": "fleet simulator"}, "allowing an EK")
+func (a *Admin) AllowEK(ctx context.Context, hash []byte) error {
+	_, err := a.call(ctx, "/admin/v1/eks", map[string]any{"hashes": []string{hex.EncodeToString(hash)}, "label": "fleet simulator"}, "allowing an EK")
 	return err
 }
 
-// Refusals are the current gateway's refusal counts by stage and reason.
-func (s *Stack) Refusals() map[[2]string]int64 {
+// Refusals are the current gateway's refusal counts by stage and reason
+// (an AttackEnv.Refusals; it cannot fail).
+func (s *Stack) Refusals() (map[[2]string]int64, error) {
 	s.mu.Lock()
 	gw := s.gw
 	s.mu.Unlock()
-	return gw.Broker().Stats().Refusals()
+	return gw.Broker().Stats().Refusals(), nil
 }
 
 // Service is the fleet's service credential, for a run's receiver.
@@ -272,8 +303,8 @@ func (s *Stack) Service() (tls.Certificate, error) {
 }
 
 // Token creates an enrollment token through the admin API (admin mTLS).
-func (s *Stack) Token(ctx context.Context, prefix string, uses int) (string, error) {
-	data, err := s.adminCall(ctx, "/admin/v1/tokens", map[string]any{"prefix": prefix, "max_uses": uses, "expires_in": "2h"}, "creating a token")
+func (a *Admin) Token(ctx context.Context, prefix string, uses int) (string, error) {
+	data, err := a.call(ctx, "/admin/v1/tokens", map[string]any{"prefix": prefix, "max_uses": uses, "expires_in": "2h"}, "creating a token")
 	if err != nil {
 		return "", err
 	}

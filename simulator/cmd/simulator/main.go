@@ -14,6 +14,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -122,6 +123,7 @@ func local(ctx context.Context, args []string) error {
 
   provisioning  %s   (EST: /.well-known/est/, attestation: /attest/v1/)
   gateway       mqtts://%s
+  metrics       %s   (the gateway's)
   telemetry     %s (the gateway's sink)
   token         %s   (1000 enrollments)
 
@@ -131,8 +133,12 @@ enroll and run a device:
 
 watch the decrypted telemetry as a service:
   mosquitto_sub -h localhost -p %s --cafile %s --cert %s --key %s -i service -t 'fleet/telemetry/#' -v
-`, d, s.Provisioning, s.Gateway, s.Sink, tok, s.Provisioning, s.RootPEMFile(), tok, d, d, s.Gateway,
-		s.Gateway[len("localhost:"):], s.RootPEMFile(), filepath.Join(pki, "service.crt"), filepath.Join(pki, "service.key"))
+
+drive a simulated fleet through it, attacks checked against the gateway's counters:
+  bin/simulator run --gateway %s --provisioning %s --ca %s --pki %s --metrics %s --devices 100 --duration 30s --attack all
+`, d, s.Provisioning, s.Gateway, s.Metrics, s.Sink, tok, s.Provisioning, s.RootPEMFile(), tok, d, d, s.Gateway,
+		s.Gateway[len("localhost:"):], s.RootPEMFile(), filepath.Join(pki, "service.crt"), filepath.Join(pki, "service.key"),
+		s.Gateway, s.Provisioning, s.RootPEMFile(), pki, s.Metrics)
 	<-ctx.Done()
 	return s.Stop()
 }
@@ -146,6 +152,7 @@ func run(ctx context.Context, args []string) error {
 	caFile := fs.String("ca", "", "fleet root (PEM)")
 	token := fs.String("token", "", "enrollment token")
 	gw := fs.String("gateway", "", "gateway HOST:PORT")
+	metricsURL := fs.String("metrics", "", "the gateway's metrics URL (http://HOST:9102/metrics): attacks check its refusal counters (without --local)")
 	target := fs.String("target", "fleetkey", "fleetkey (mTLS + fkx1) or mqtt (plain mTLS MQTT, for any broker)")
 	devices := fs.Int("devices", 100, "devices")
 	rate := fs.Float64("rate", 50, "devices started per second")
@@ -266,9 +273,6 @@ func run(ctx context.Context, args []string) error {
 		if *gw == "" || *caFile == "" {
 			return errors.New("run needs --local, or --gateway and --ca (and --provisioning and --token to enroll)")
 		}
-		if *idents == "enroll" && (*prov == "" || *token == "") {
-			return errors.New("--identities enroll needs --provisioning and --token (or use --identities fast with --pki)")
-		}
 		pem, err := os.ReadFile(*caFile)
 		if err != nil {
 			return err
@@ -282,6 +286,32 @@ func run(ctx context.Context, args []string) error {
 			cfg.RootCAs.AddCert(r)
 		}
 		cfg.Provisioning, cfg.Token, cfg.Gateway = *prov, *token, *gw
+		// With the provisioning service and the fleet's admin credential,
+		// the run revokes (revoke faults, the revoked-cert attack), allows
+		// EKs and makes its own enrollment token, as with --local.
+		if *prov != "" && *pkiDir != "" {
+			if cert, err := tls.LoadX509KeyPair(filepath.Join(*pkiDir, "admin.crt"), filepath.Join(*pkiDir, "admin.key")); err == nil {
+				admin := simulator.NewAdmin(*prov, cfg.RootCAs, cert)
+				revoke, cfg.AllowEK = admin.Revoke, admin.AllowEK
+				if cfg.Token == "" && *idents == "enroll" {
+					if cfg.Token, err = admin.Token(ctx, "sim-", *devices+1000); err != nil {
+						return err
+					}
+				}
+			}
+		}
+		if *idents == "enroll" && (cfg.Provisioning == "" || cfg.Token == "") {
+			return errors.New("--identities enroll needs --provisioning and --token, or --provisioning and the --pki that holds admin.crt (or use --identities fast with --pki)")
+		}
+		if *metricsURL != "" {
+			if u, err := url.Parse(*metricsURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+				return fmt.Errorf("--metrics %q: want the gateway's metrics URL, http://HOST:9102/metrics", *metricsURL)
+			}
+			cfg.AttackEnv.Refusals = simulator.ScrapeRefusals(*metricsURL)
+		}
+	}
+	if *localStack && *metricsURL != "" {
+		return errors.New("--metrics is for a gateway run elsewhere; with --local the counters are read in process")
 	}
 	for _, fsp := range specs {
 		f, err := fsp.Fault(restart, revoke)
