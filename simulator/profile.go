@@ -2,6 +2,7 @@ package simulator
 
 import (
 	"os"
+	"runtime"
 	"runtime/pprof"
 )
 
@@ -21,4 +22,19 @@ func CPUProfileTo(path string) (stop func(), err error) {
 		return nil, err
 	}
 	return func() { pprof.StopCPUProfile(); f.Close() }, nil
+}
+
+// writeHeapProfile writes a heap profile (after a GC, so in-use figures
+// are current) to path.
+func writeHeapProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	runtime.GC()
+	if err := pprof.WriteHeapProfile(f); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }

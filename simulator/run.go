@@ -81,6 +81,10 @@ type RunConfig struct {
 	// device, and its slow acknowledgements then pace any broker that
 	// keeps a window of them (bench-peers). No commands then.
 	ServiceCmd func(args ...string) *exec.Cmd
+	// HeapProfile, if set, is where the run writes a heap profile of its
+	// process once the telemetry has drained, every device still
+	// connected (go tool pprof -sample_index=inuse_space).
+	HeapProfile string
 	// Attacks run against the stack during the run, one after another,
 	// with what they need from it.
 	Attacks   []Attack
@@ -299,6 +303,11 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 	poll.Stop()
 	for _, t := range timers {
 		t.Stop()
+	}
+	if cfg.HeapProfile != "" {
+		if err := writeHeapProfile(cfg.HeapProfile); err != nil {
+			m.fail("heap profile: " + err.Error())
+		}
 	}
 	unacked := 0
 	for _, v := range f.devs {
