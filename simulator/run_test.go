@@ -7,6 +7,8 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
+	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -52,13 +54,18 @@ func TestRunFastIdentities(t *testing.T) {
 	if len(seen) != 30 {
 		t.Fatalf("%d distinct certificates for 30 devices", len(seen))
 	}
+	heap := filepath.Join(t.TempDir(), "heap.pprof")
 	sum, err := Run(t.Context(), RunConfig{Devices: 30, Rate: 100, Duration: time.Second, Interval: 200 * time.Millisecond,
-		Gateway: s.Gateway, Sink: s.Sink, Identities: ids})
+		Gateway: s.Gateway, Sink: s.Sink, Identities: ids, HeapProfile: heap})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if sum.Connected != 30 || sum.InSink != sum.Published || sum.Lost != 0 || sum.Duplicated != 0 || len(sum.Errors) > 0 {
 		t.Fatalf("summary: %+v", sum)
+	}
+	// The heap profile is a gzipped pprof protobuf.
+	if b, err := os.ReadFile(heap); err != nil || len(b) < 100 || b[0] != 0x1f || b[1] != 0x8b {
+		t.Fatalf("heap profile: %d bytes, %v", len(b), err)
 	}
 }
 
