@@ -70,6 +70,10 @@ type LocalOptions struct {
 	// RequireTPM runs the gateway with require_tpm: only TPM-bound
 	// devices get in (--tpm).
 	RequireTPM bool
+	// Bin, if set, is the directory of the provisioning and gateway
+	// binaries: each then runs as a child process (`serve`, its log in the
+	// state directory) instead of in this one (--processes).
+	Bin string
 }
 
 // StartLocal makes a PKI in dir and starts provisioning and the gateway
@@ -101,6 +105,13 @@ func StartLocalWith(ctx context.Context, dir string, log *slog.Logger, opts Loca
 	}
 	ctx, s.cancel = context.WithCancel(ctx)
 	s.ctx, s.log = ctx, log
+	if opts.Bin != "" {
+		if err := s.startProcesses(admin); err != nil {
+			s.cancel()
+			return nil, err
+		}
+		return s, nil
+	}
 	prov, err := provserver.New(ctx, provserver.Config{PKIDir: s.PKI, DataDir: filepath.Join(dir, "provisioning"), MetricsListen: "off"},
 		provserver.Options{Log: log.With("service", "provisioning")})
 	if err != nil {
@@ -164,14 +175,22 @@ func (s *Stack) RestartGateway() error {
 	case <-time.After(15 * time.Second):
 		return errors.New("the gateway did not stop within 15 s")
 	}
-	ln, err := listenAgain("127.0.0.1:" + s.Gateway[strings.LastIndexByte(s.Gateway, ':')+1:])
+	addr := "127.0.0.1:" + s.Gateway[strings.LastIndexByte(s.Gateway, ':')+1:]
+	maddr := strings.TrimSuffix(strings.TrimPrefix(s.Metrics, "http://"), "/metrics")
+	ln, err := listenAgain(addr)
 	if err != nil {
 		return fmt.Errorf("the gateway's port: %w", err)
 	}
-	mln, err := listenAgain(strings.TrimSuffix(strings.TrimPrefix(s.Metrics, "http://"), "/metrics"))
+	mln, err := listenAgain(maddr)
 	if err != nil {
 		ln.Close()
 		return fmt.Errorf("the gateway's metrics port: %w", err)
+	}
+	if s.opts.Bin != "" {
+		// The child binds them itself, once they are free.
+		ln.Close()
+		mln.Close()
+		return s.startGatewayProcess(addr, maddr)
 	}
 	return s.startGateway(ln, mln)
 }
@@ -289,8 +308,12 @@ func (a *Admin) AllowEK(ctx context.Context, hash []byte) error {
 }
 
 // Refusals are the current gateway's refusal counts by stage and reason
-// (an AttackEnv.Refusals; it cannot fail).
+// (an AttackEnv.Refusals): read in process, or from the gateway's metrics
+// when it is a child process.
 func (s *Stack) Refusals() (map[[2]string]int64, error) {
+	if s.opts.Bin != "" {
+		return ScrapeRefusals(s.Metrics)()
+	}
 	s.mu.Lock()
 	gw := s.gw
 	s.mu.Unlock()

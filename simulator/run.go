@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -197,6 +198,9 @@ func Run(ctx context.Context, cfg RunConfig) (*Summary, error) {
 	}
 	if len(cfg.Template) > 60_000 {
 		return nil, fmt.Errorf("a payload template of %d bytes: the limit is 60,000", len(cfg.Template))
+	}
+	if cfg.Dir == "" && (cfg.Identities == nil || len(cfg.Attacks) > 0) {
+		return nil, errors.New("RunConfig.Dir is required to enroll devices or run attacks: it holds their state directories")
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)

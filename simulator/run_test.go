@@ -187,7 +187,10 @@ func TestRunTPM(t *testing.T) {
 		ekMu.Unlock()
 		return s.AllowEK(ctx, hash)
 	}
-	cfg := RunConfig{Devices: 4, Rate: 20, Duration: time.Second, Interval: 200 * time.Millisecond, TPM: "sim", AllowEK: allow,
+	// TPM attestation takes a second or more per device on a loaded box;
+	// a device not ready when the telemetry phase ends is a problem of
+	// the run, so the phase leaves room for it.
+	cfg := RunConfig{Devices: 4, Rate: 20, Duration: 3 * time.Second, Interval: 200 * time.Millisecond, TPM: "sim", AllowEK: allow,
 		Provisioning: s.Provisioning, Gateway: s.Gateway, RootCAs: s.RootCAs, Token: tok, Sink: s.Sink, Dir: t.TempDir()}
 	sum, err := Run(t.Context(), cfg)
 	if err != nil {
@@ -251,7 +254,7 @@ func TestRunTargetMQTT(t *testing.T) {
 // TestRunRefusals: a run that cannot be what was asked for says why, before
 // it starts.
 func TestRunRefusals(t *testing.T) {
-	ok := RunConfig{Devices: 1, Rate: 1, Interval: time.Second, Gateway: "localhost:8883"}
+	ok := RunConfig{Devices: 1, Rate: 1, Interval: time.Second, Gateway: "localhost:8883", Dir: t.TempDir()}
 	for want, change := range map[string]func(*RunConfig){
 		"must be positive":     func(c *RunConfig) { c.Devices = 0 },
 		"1 identities for 2":   func(c *RunConfig) { c.Devices, c.Identities = 2, make([]*agent.Credentials, 1) },
@@ -262,6 +265,7 @@ func TestRunRefusals(t *testing.T) {
 		"one topic level":      func(c *RunConfig) { c.Channel = "a/b" },
 		"the limit is 60,000":  func(c *RunConfig) { c.Template = strings.Repeat("x", 60_001) },
 		"want host:port":       func(c *RunConfig) { c.Gateway = "nowhere" },
+		"Dir is required":      func(c *RunConfig) { c.Dir = "" },
 	} {
 		cfg := ok
 		change(&cfg)

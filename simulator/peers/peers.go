@@ -216,7 +216,7 @@ func pause(ctx context.Context, pr *proc, d time.Duration) error {
 var errExited = errors.New("process exited")
 
 // StartProcess runs cmd, a command that will write its listening address
-// (host:port) to addrFile as MochiMain does, waits for that file, and returns
+// (host:port) and a newline to addrFile as MochiMain does, waits for that file, and returns
 // a Peer for it (PID = the child's pid). Any file already at addrFile is
 // removed first. The wait polls with a short backoff until ctx ends (15 s if
 // ctx has no deadline); if the child exits first, or ctx ends, the child is
@@ -258,6 +258,9 @@ func StartProcess(ctx context.Context, name string, addrFile string, cmd *exec.C
 	var bo backoff
 	for {
 		b, err := os.ReadFile(addrFile)
+		if err == nil && !bytes.HasSuffix(b, []byte("\n")) {
+			err = os.ErrNotExist // not the whole line yet: a writer that does not rename into place
+		}
 		if err == nil {
 			addr := strings.TrimSpace(string(b))
 			if _, _, err := net.SplitHostPort(addr); err != nil {

@@ -86,6 +86,16 @@ func main() {
 	}
 }
 
+// binDir is the directory of this executable, where make build puts the
+// provisioning and gateway binaries too.
+func binDir() (string, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	return filepath.Dir(exe), nil
+}
+
 func stateDir(flagDir string) (string, error) {
 	if flagDir != "" {
 		return flagDir, os.MkdirAll(flagDir, 0o700)
@@ -97,8 +107,20 @@ func local(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("local", flag.ContinueOnError)
 	dir := fs.String("dir", "", "state directory (default a new temporary one)")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the stack, until it stops, to this file")
+	processes := fs.Bool("processes", false, "run provisioning and the gateway as child processes (the binaries beside this one), not in this process")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	var opts simulator.LocalOptions
+	if *processes {
+		if *cpuProfile != "" {
+			return errors.New("--cpuprofile profiles this process: not with --processes")
+		}
+		bin, err := binDir()
+		if err != nil {
+			return err
+		}
+		opts.Bin = bin
 	}
 	stopProfile, err := simulator.CPUProfileTo(*cpuProfile)
 	if err != nil {
@@ -110,7 +132,7 @@ func local(ctx context.Context, args []string) error {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	s, err := simulator.StartLocal(ctx, d, log)
+	s, err := simulator.StartLocalWith(ctx, d, log, opts)
 	if err != nil {
 		return err
 	}
@@ -120,6 +142,10 @@ func local(ctx context.Context, args []string) error {
 		return err
 	}
 	pki := s.PKI
+	if *processes {
+		fmt.Printf("provisioning and the gateway run as child processes; their logs: %s, %s\n",
+			filepath.Join(d, "provisioning.log"), filepath.Join(d, "gateway.log"))
+	}
 	fmt.Printf(`fleetkey is up (state in %s); Ctrl-C stops it.
 
   provisioning  %s   (EST: /.well-known/est/, attestation: /attest/v1/)
@@ -148,6 +174,7 @@ func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
 	scenario := fs.String("scenario", "", "a YAML scenario file: its keys are these flags (flags given on the command line win)")
 	localStack := fs.Bool("local", false, "start the stack in this process first")
+	processes := fs.Bool("processes", false, "with --local: provisioning and the gateway as child processes (the binaries beside this one)")
 	dir := fs.String("dir", "", "state directory")
 	prov := fs.String("provisioning", "", "provisioning URL")
 	caFile := fs.String("ca", "", "fleet root (PEM)")
@@ -249,20 +276,27 @@ func run(ctx context.Context, args []string) error {
 		Suite: sessionkey.Suite(*suite), Rotation: sessionkey.Rotation{EpochEvery: *epochEvery, GenerationEvery: *genEvery}, Dir: filepath.Join(d, "devices"), Progress: os.Stderr, HeapProfile: *heapProfile}
 	var restart func() error
 	var revoke simulator.Revoker
-	if !*localStack && os.Getenv("GOGC") == "" {
+	if (!*localStack || *processes) && os.Getenv("GOGC") == "" {
 		// The generator alone in its process: what a virtual device holds
 		// live is about 11 KB, and the collector's default headroom (as
 		// much again as is live) would double it in RSS. 50 % headroom
 		// costs a few per cent of CPU in a connect storm. With --local
-		// the stack shares the process and keeps the default, so the
-		// system under test is measured as it ships. GOGC overrides.
+		// (not --processes) the stack shares the process and keeps the
+		// default, so the system under test is measured as it ships.
+		// GOGC overrides.
 		debug.SetGCPercent(50)
 	}
 	if *localStack {
 		// --target mqtt: the gateway with fkx1 off (plaintext_telemetry),
 		// relaying devices' records to fleet/telemetry/ for services.
 		plain := cfg.Target == simulator.TargetMQTT
-		s, err := simulator.StartLocalWith(ctx, d, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})), simulator.LocalOptions{PlaintextTelemetry: plain, RequireTPM: *tpmSpec != ""})
+		lopts := simulator.LocalOptions{PlaintextTelemetry: plain, RequireTPM: *tpmSpec != ""}
+		if *processes {
+			if lopts.Bin, err = binDir(); err != nil {
+				return err
+			}
+		}
+		s, err := simulator.StartLocalWith(ctx, d, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})), lopts)
 		if err != nil {
 			return err
 		}
@@ -278,7 +312,7 @@ func run(ctx context.Context, args []string) error {
 		*pkiDir = s.PKI
 		restart, revoke = s.RestartGateway, s.Revoke
 		cfg.AllowEK = s.AllowEK
-		cfg.StackInProcess = true
+		cfg.StackInProcess = !*processes
 		cfg.AttackEnv.Refusals = s.Refusals
 	} else {
 		if *gw == "" || *caFile == "" {
