@@ -104,7 +104,7 @@ func OpenSQLite(ctx context.Context, path string) (Store, error) {
 	r.SetMaxOpenConns(n)
 	r.SetMaxIdleConns(n)
 	s := &sqlStore{r: r, w: w, d: sqliteDialect}
-	if err := s.migrate(ctx); err != nil {
+	if err := migrateSQLite(ctx, s); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("opening registry %s: %w", path, err)
 	}
@@ -113,4 +113,32 @@ func OpenSQLite(ctx context.Context, path string) (Store, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+// openBusyFor bounds how long OpenSQLite tries again on SQLITE_BUSY.
+const openBusyFor = 10 * time.Second
+
+// migrateSQLite migrates s, trying again while SQLite answers SQLITE_BUSY.
+// Processes that open a new file at once race to switch it to WAL, and a
+// connection that loses that race can be answered SQLITE_BUSY at once,
+// without the busy handler (SQLite does so where waiting could deadlock);
+// about one open in fifty failed so in TestSQLiteConcurrentOpen. A failed
+// connection is dropped by database/sql, so the next try sets up a new one
+// and finds the file in WAL mode.
+func migrateSQLite(ctx context.Context, s *sqlStore) error {
+	deadline := time.Now().Add(openBusyFor)
+	for wait := 5 * time.Millisecond; ; wait = min(2*wait, 200*time.Millisecond) {
+		err := s.migrate(ctx)
+		var se *sqlite.Error
+		if err == nil || !errors.As(err, &se) || se.Code()&0xff != sqlite3.SQLITE_BUSY || time.Now().Add(wait).After(deadline) {
+			return err
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return errors.Join(ctx.Err(), err)
+		case <-t.C:
+		}
+	}
 }
