@@ -143,7 +143,8 @@ type Broker struct {
 	stats   Stats
 	mu      sync.Mutex
 	clients map[*mqtt.Client]*session
-	revoked map[string]struct{} // serials, lowercase hex
+	byConn  map[net.Conn]*mqtt.Client // the same clients, by connection
+	revoked map[string]struct{}       // serials, lowercase hex
 	fkx     *engine
 }
 
@@ -207,7 +208,7 @@ func New(opts Options) (*Broker, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	b := &Broker{opts: opts, limits: opts.Limits.withDefaults(), log: opts.Log, clients: map[*mqtt.Client]*session{}, revoked: map[string]struct{}{}}
+	b := &Broker{opts: opts, limits: opts.Limits.withDefaults(), log: opts.Log, clients: map[*mqtt.Client]*session{}, byConn: map[net.Conn]*mqtt.Client{}, revoked: map[string]struct{}{}}
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = b.limits.MaxPacketSize
 	caps.MaximumClientWritesPending = b.limits.MaxWritesPending
@@ -434,12 +435,13 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	s.timer = time.AfterFunc(leaf.NotAfter.Sub(h.b.opts.Now()), func() { h.b.kick(cl, "expired") })
 	h.b.mu.Lock()
 	h.b.clients[cl] = s
+	h.b.byConn[cl.Net.Conn] = cl
 	h.b.mu.Unlock()
 	if h.b.fkx != nil {
 		if id.Role == identity.RoleDevice {
 			h.b.fkx.connected(id.Name)
 		} else {
-			h.b.fkx.queued.Store(cl, new(atomic.Int32)) // before anything can be queued for it
+			h.b.fkx.queued.Store(cl, new(writeQueue)) // before anything can be queued for it
 		}
 	}
 	return true
@@ -556,6 +558,9 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	h.b.mu.Lock()
 	s := h.b.clients[cl]
 	delete(h.b.clients, cl)
+	if h.b.byConn[cl.Net.Conn] == cl {
+		delete(h.b.byConn, cl.Net.Conn)
+	}
 	h.b.mu.Unlock()
 	if s == nil {
 		return
@@ -605,24 +610,25 @@ func (h *hook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
 	}
 }
 
-// OnQosPublish and OnPacketSent keep count of the QoS 1 messages mochi has
-// queued for a service but not yet written to it (engine.queued): mochi
-// drops what overflows a client's write queue, so deliveries wait for
-// that count as well as for the service's acknowledgements. Every QoS 1
-// PUBLISH mochi queues, holds for a receive quota or resends is announced
-// by OnQosPublish first and then written, which calls OnPacketSent.
+// OnQosPublish and OnPacketSent keep track of the QoS 1 messages mochi has
+// queued for a service but not yet written to it (engine.queued, a
+// writeQueue): mochi drops what overflows a client's write queue, so
+// deliveries wait for that count as well as for the service's
+// acknowledgements. mochi announces every QoS 1 PUBLISH it queues, holds
+// for a receive quota or resends with OnQosPublish before writing it, and
+// every write calls OnPacketSent.
 func (h *hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, sent int64, resends int) {
 	if h.b.fkx != nil && pk.FixedHeader.Type == packets.Publish {
-		if n, ok := h.b.fkx.queued.Load(cl); ok {
-			n.(*atomic.Int32).Add(1)
+		if q, ok := h.b.fkx.queued.Load(cl); ok {
+			q.(*writeQueue).announced(pk.PacketID)
 		}
 	}
 }
 
 func (h *hook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, b []byte) {
 	if h.b.fkx != nil && pk.FixedHeader.Type == packets.Publish && pk.FixedHeader.Qos > 0 {
-		if n, ok := h.b.fkx.queued.Load(cl); ok {
-			n.(*atomic.Int32).Add(-1)
+		if q, ok := h.b.fkx.queued.Load(cl); ok {
+			q.(*writeQueue).written(pk.PacketID)
 			h.b.fkx.room.signal()
 		}
 	}

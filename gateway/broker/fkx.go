@@ -90,7 +90,7 @@ type engine struct {
 	subsCache sync.Map // topic -> *subsEntry
 	ctx       context.Context
 	shards    []*shard
-	// queued counts, per service client (*mqtt.Client -> *atomic.Int32),
+	// queued counts, per service client (*mqtt.Client -> *writeQueue),
 	// the QoS 1 messages mochi has queued for it and not yet written; a
 	// delivery waits while it reaches queueWindow (see hook.OnQosPublish).
 	queued      sync.Map
@@ -784,10 +784,49 @@ func (e *engine) hasRoom(cl *mqtt.Client) bool {
 		return false
 	}
 	queued := inflight
-	if n, ok := e.queued.Load(cl); ok {
-		queued = min(int(n.(*atomic.Int32).Load()), inflight)
+	if q, ok := e.queued.Load(cl); ok {
+		queued = min(q.(*writeQueue).len(), inflight)
 	}
 	return queued < e.queueWindow
+}
+
+// writeQueue tracks, by packet id, the QoS 1 messages mochi has announced
+// for a client (OnQosPublish) and not yet written (OnPacketSent). By id,
+// not by count: mochi announces a message it holds back for an MQTT 5
+// client's Receive Maximum, writes it when the client resumes its session
+// (ResendInflightMessages, announcing it again) and may then write it once
+// more (as the next "immediate" one); a plain count would go low on the
+// second write and let mochi's queue overflow. A bit set for a message
+// mochi later dropped stays until its id is used again; that errs high,
+// and hasRoom caps the count at the unacknowledged one.
+type writeQueue struct {
+	mu   sync.Mutex
+	n    int
+	bits [1 << 16 / 64]uint64 // 8 KiB, for a service connection
+}
+
+func (q *writeQueue) announced(id uint16) {
+	q.mu.Lock()
+	if w, b := &q.bits[id/64], uint64(1)<<(id%64); *w&b == 0 {
+		*w |= b
+		q.n++
+	}
+	q.mu.Unlock()
+}
+
+func (q *writeQueue) written(id uint16) {
+	q.mu.Lock()
+	if w, b := &q.bits[id/64], uint64(1)<<(id%64); *w&b != 0 {
+		*w &^= b
+		q.n--
+	}
+	q.mu.Unlock()
+}
+
+func (q *writeQueue) len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.n
 }
 
 // waitFor waits until subscriber cl has room, or disconnects it after

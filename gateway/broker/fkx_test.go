@@ -481,7 +481,7 @@ func TestFKXSlowSubscriber(t *testing.T) {
 	if !ok {
 		t.Fatal("the service's write queue is not counted")
 	}
-	waitFor(t, "the service's write queue counted empty", func() bool { return q.(*atomic.Int32).Load() == 0 })
+	waitFor(t, "the service's write queue counted empty", func() bool { return q.(*writeQueue).len() == 0 })
 }
 
 // TestHasRoom: a subscriber has room below both its window of
@@ -491,8 +491,14 @@ func TestHasRoom(t *testing.T) {
 	t.Parallel()
 	e := &engine{cfg: Sessions{SubscriberWindow: 6}, queueWindow: 3}
 	cl := mqtt.New(nil).NewClient(nil, "t", "svc", false)
-	queued := new(atomic.Int32)
+	queued := new(writeQueue)
 	e.queued.Store(cl, queued)
+	setQueued := func(n int) {
+		*queued = writeQueue{}
+		for i := range n {
+			queued.announced(uint16(1000 + i))
+		}
+	}
 	inflight := func(n int) {
 		cl.State.Inflight = mqtt.NewInflights()
 		for i := 1; i <= n; i++ {
@@ -501,7 +507,7 @@ func TestHasRoom(t *testing.T) {
 	}
 	for _, c := range []struct {
 		inflight int
-		queued   int32
+		queued   int
 		room     bool
 	}{
 		{0, 0, true},
@@ -512,10 +518,22 @@ func TestHasRoom(t *testing.T) {
 		{4, 9, false},
 	} {
 		inflight(c.inflight)
-		queued.Store(c.queued)
+		setQueued(c.queued)
 		if got := e.hasRoom(cl); got != c.room {
 			t.Errorf("inflight %d, queued %d: room %v, want %v", c.inflight, c.queued, got, c.room)
 		}
+	}
+	// The queue is kept by packet id: a message announced twice (held for
+	// a receive quota, then resent) counts once, and a second write of it
+	// does not take the count below what is still waiting.
+	setQueued(0)
+	queued.announced(7)
+	queued.announced(7)
+	queued.announced(8)
+	queued.written(7)
+	queued.written(7)
+	if n := queued.len(); n != 1 {
+		t.Errorf("after 7 announced twice and written twice, 8 announced: %d queued, want 1", n)
 	}
 	// A client whose queue is not counted (none is, but for safety) is
 	// taken as having every unacknowledged message queued.

@@ -101,14 +101,15 @@ func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
 		return
 	}
 	defer l.untrack(raw)
-	tc := tls.Server(raw, b.tls)
-	cc := &clientConn{Conn: tc, timeout: b.limits.WriteTimeout}
+	// Every write has a deadline, the TLS layer's own (handshake, alerts,
+	// key updates) included.
+	tc := tls.Server(&clientConn{Conn: raw, timeout: b.limits.WriteTimeout}, b.tls)
 	defer func() {
 		if p := recover(); p != nil {
 			b.stats.Panics.Add(1)
 			b.log.Error("connection panicked; closed it, the gateway goes on", "remote", raw.RemoteAddr().String(), "panic", p, "stack", string(debug.Stack()))
 			tc.Close()
-			l.forget(cc)
+			l.forget(tc)
 		}
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), b.limits.HandshakeTimeout)
@@ -136,68 +137,79 @@ func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
 	// mochi reads CONNECT without any deadline; it sets keepalive
 	// deadlines once the client is in.
 	_ = tc.SetReadDeadline(time.Now().Add(b.limits.ConnectTimeout))
-	_ = establish(l.id, cc)
+	_ = establish(l.id, tc)
+	// mochi calls no OnDisconnect for a client it authenticated but could
+	// not attach (its CONNACK or its session's resend failed to write);
+	// mochi keeps the MQTT session itself, for the client's next
+	// connection.
+	l.ended(tc, "not attached")
 }
 
-// clientConn is a client's connection as mochi has it. Every write has a
-// deadline, Limits.WriteTimeout, and a write that misses it closes the
-// connection. mochi sets no write deadline of its own (its keepalive
-// SetDeadline is taken here as the read deadline it is meant to be), and
-// it writes under the client's lock, which publishing to that client takes
-// too: without this, a client that stops reading would hold up whoever
-// publishes to it, the gateway's delivery goroutines included, until its
-// keepalive ran out, or for ever with a keepalive of 0.
+// clientConn is a client's TCP connection under its TLS layer. Every
+// write has a deadline, Limits.WriteTimeout, and a write that misses it
+// closes the connection. mochi sets no write deadline of its own (its
+// keepalive SetDeadline is taken here as the read deadline it is meant to
+// be), and it writes under the client's lock, which publishing to that
+// client takes too: without this, a client that stops reading would hold
+// up whoever publishes to it, the gateway's delivery goroutines included,
+// until its keepalive ran out, or for ever with a keepalive of 0.
 type clientConn struct {
-	*tls.Conn
+	net.Conn
 	timeout time.Duration
-	until   atomic.Int64 // the write deadline set, in Unix nanoseconds
+	until   atomic.Int64 // the write deadline set, as monotonic time since monoBase
 }
+
+// monoBase anchors clientConn's monotonic clock: a step of the wall clock
+// must not leave deadlines unmoved (and every client cut off at once).
+var monoBase = time.Now()
 
 // Write moves the write deadline only when less than half the timeout is
 // left of it: a stalled write is cut off after between half the timeout
 // and all of it, and most writes cost no deadline update.
 func (c *clientConn) Write(b []byte) (int, error) {
-	now := time.Now()
-	if now.UnixNano()+int64(c.timeout/2) > c.until.Load() {
-		d := now.Add(c.timeout)
-		_ = c.Conn.SetWriteDeadline(d)
-		c.until.Store(d.UnixNano())
+	if now := time.Since(monoBase); now+c.timeout/2 > time.Duration(c.until.Load()) {
+		_ = c.Conn.SetWriteDeadline(time.Now().Add(c.timeout))
+		c.until.Store(int64(now + c.timeout))
 	}
 	n, err := c.Conn.Write(b)
 	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
-		// A TLS connection is broken after a timed-out write; closing it
-		// ends mochi's read loop, and with it the client.
-		c.Conn.NetConn().Close()
+		// TLS is broken after a failed write; closing ends mochi's read
+		// loop, and with it the client.
+		c.Conn.Close()
 	}
 	return n, err
 }
 
-// SetDeadline is mochi's keepalive: a read deadline.
+// SetDeadline is mochi's keepalive (through the TLS layer): a read
+// deadline.
 func (c *clientConn) SetDeadline(t time.Time) error { return c.Conn.SetReadDeadline(t) }
 
 // forget removes what mochi kept of a client whose goroutine panicked:
 // its session (without its Will: a crash is not the client's last word)
 // and its subscriptions.
-func (l *listener) forget(cc *clientConn) {
-	b := l.b
-	b.mu.Lock()
-	var victim *mqtt.Client
-	for cl, s := range b.clients {
-		if cl.Net.Conn == net.Conn(cc) {
-			victim = cl
-			s.timer.Stop()
-		}
-	}
-	delete(b.clients, victim)
-	b.mu.Unlock()
+func (l *listener) forget(tc *tls.Conn) {
+	victim := l.ended(tc, "panicked")
 	if victim == nil {
 		return
 	}
 	atomic.StoreUint32(&victim.Properties.Will.Flag, 0)
-	b.mqtt.UnsubscribeClient(victim)
-	if cur, ok := b.mqtt.Clients.Get(victim.ID); ok && cur == victim {
-		b.mqtt.Clients.Delete(victim.ID)
+	l.b.mqtt.UnsubscribeClient(victim)
+	if cur, ok := l.b.mqtt.Clients.Get(victim.ID); ok && cur == victim {
+		l.b.mqtt.Clients.Delete(victim.ID)
 	}
+}
+
+// ended runs the gateway's disconnect bookkeeping (hook.OnDisconnect: its
+// session entry, expiry timer, write-queue count, the device's connection
+// count) for the client on tc if mochi has not, and returns that client.
+func (l *listener) ended(tc *tls.Conn, why string) *mqtt.Client {
+	l.b.mu.Lock()
+	cl := l.b.byConn[tc]
+	l.b.mu.Unlock()
+	if cl != nil {
+		(&hook{b: l.b}).OnDisconnect(cl, errors.New(why), false)
+	}
+	return cl
 }
 
 // Close stops accepting, closes the listener and waits for the
