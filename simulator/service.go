@@ -152,6 +152,9 @@ func (r *receiver) startExternal(ctx context.Context) error {
 	}
 	stderr := peers.NewTail(4 << 10)
 	cmd.Stderr = stderr
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = peers.ChildAttr()
+	}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("starting the service process: %w", err)
 	}
@@ -343,11 +346,22 @@ func PeerServiceMain(ctx context.Context, args []string, stdout io.Writer) error
 	var mu sync.Mutex
 	w := bufio.NewWriterSize(stdout, 64<<10)
 	var werr error
+	marked := false
+	// mark writes the first frame, all zeros, which says the subscription
+	// is in, ahead of any record's: a record can arrive before
+	// connectService returns.
+	mark := func() {
+		if !marked && werr == nil {
+			_, werr = w.Write(make([]byte, serviceFrame))
+			marked = true
+		}
+	}
 	emit := func(b []byte, at time.Time) {
 		var f [serviceFrame]byte
 		copy(f[:], b)
 		binary.BigEndian.PutUint64(f[bodyHeader:], uint64(at.UnixNano()))
 		mu.Lock()
+		mark()
 		if werr == nil {
 			_, werr = w.Write(f[:])
 		}
@@ -369,10 +383,9 @@ func PeerServiceMain(ctx context.Context, args []string, stdout io.Writer) error
 	if err != nil {
 		return fmt.Errorf("peer-service: %w", err)
 	}
-	// The first frame, all zeros, says the subscription is in. What the
-	// records' frames hold is flushed every 10 ms.
+	// What the frames hold is flushed every 10 ms.
 	mu.Lock()
-	_, werr = w.Write(make([]byte, serviceFrame))
+	mark()
 	mu.Unlock()
 	t := time.NewTicker(10 * time.Millisecond)
 	defer t.Stop()

@@ -141,7 +141,7 @@ func startMosquittoOnce(ctx context.Context, bin, version, dir string, f TLSFile
 	cmd := exec.Command(bin, "-c", conf)
 	cmd.Dir = dir
 	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = childAttr()
+	cmd.SysProcAttr = ChildAttr()
 	pr, err := startProc(cmd)
 	if err != nil {
 		return nil, fmt.Errorf("mosquitto: %w", err)

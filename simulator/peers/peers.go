@@ -238,7 +238,7 @@ func StartProcess(ctx context.Context, name string, addrFile string, cmd *exec.C
 		cmd.Stderr = tail
 	}
 	if cmd.SysProcAttr == nil {
-		cmd.SysProcAttr = childAttr()
+		cmd.SysProcAttr = ChildAttr()
 	}
 	pr, err := startProc(cmd)
 	if err != nil {

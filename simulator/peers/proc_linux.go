@@ -2,12 +2,15 @@ package peers
 
 import "syscall"
 
-// childAttr has the kernel SIGKILL a child broker when the OS thread that
-// started it exits. The Go runtime ends a thread only when a goroutine that
-// locked it returns without unlocking, so in practice this is when this
-// process dies: a crashed or killed benchmark leaves no broker behind.
-func childAttr() *syscall.SysProcAttr {
-	return &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+// ChildAttr has the kernel SIGKILL a child (a broker, the local stack's
+// services, a service client) when the OS thread that started it exits.
+// The Go runtime ends a thread only when a goroutine that locked it returns
+// without unlocking, so in practice this is when this process dies: a
+// crashed or killed benchmark leaves nothing behind. The child gets a
+// process group of its own, so a terminal's Ctrl-C reaches only this
+// process, which then stops its children in order.
+func ChildAttr() *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 }
 
 // liftChildNofile lets child processes open as many files as the hard limit

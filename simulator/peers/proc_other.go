@@ -4,6 +4,7 @@ package peers
 
 import "syscall"
 
-func childAttr() *syscall.SysProcAttr { return nil }
+// ChildAttr is Linux's process attributes for children; none elsewhere.
+func ChildAttr() *syscall.SysProcAttr { return nil }
 
 func liftChildNofile() {}
