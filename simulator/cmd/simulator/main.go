@@ -29,28 +29,22 @@ import (
 )
 
 const usage = `usage:
-  simulator local [--dir DIR]
-  simulator run --local [--dir DIR] [flags]
-  simulator run --provisioning https://HOST:PORT --ca ROOT.pem --token T --gateway HOST:PORT [flags]
-  simulator bench-peers [--devices N] [--rate R] [--rounds N] [--targets LIST] [--json FILE] (--help: flags)
+  simulator local [--dir DIR] [--processes]
+      provisioning and the gateway on free ports, in this process or (--processes) as the
+      binaries beside this one; prints the endpoints, a token and commands to try
+  simulator run --local [--processes] [flags]
+      a fleet through a stack started first
+  simulator run --gateway HOST:PORT --ca ROOT.pem [--provisioning URL] [--pki DIR] [--metrics URL] [flags]
+      a fleet through a stack running elsewhere (make up prints such a command)
+  simulator bench-peers [flags]
+      the same load on the fleetkey gateway, bare mochi and Mosquitto
 
-run flags:
-  --devices N        virtual devices (default 100)
-  --rate R           devices started per second, open model (default 50)
-  --schedule S       constant (default), ramp:D (0 to rate over D), burst:N/P, poisson
-  --max-handshakes K at most K devices between their start and their first key
-  --duration D       telemetry phase (default 60s)
-  --interval D       each device publishes this often (default 1s)
-  --payload N        record body bytes (default 64)
-  --suite 1|2        fkx1 suite (default 1)
-  --epoch-every D    new handshake at least this often (default 1h)
-  --generation-every D  new key generation at least this often (default 10m)
-  --json FILE        write the summary as JSON
-  --fault F          gateway-restart@D: restart the gateway D into the run (--local)
-  --slo LIST         objectives, e.g. 'ready_p99<2s,loss=0' (metrics: enroll_p50, enroll_p99,
-                     ready_p50, ready_p99, loss, duplicates, errors, unconnected); a miss exits 1
-  --identities I     enroll (each device over EST; default) or fast (minted in parallel from
-                     the fleet CA: --local, or --pki DIR with its passphrase)
+Each command's --help lists its flags. The main ones of run:
+  --devices N, --rate R, --schedule constant|ramp:D|burst:N/P|poisson, --max-handshakes K
+  --identities enroll|fast, --tpm sim, --duration D, --interval D, --payload N | --template T
+  --qos 0|1, --channel A,B, --command-rate R, --target fleetkey|mqtt
+  --fault gateway-restart@D|churn:P%|storm:P%@D|revoke:N@D (repeatable), --attack all|NAME:TRIES
+  --slo 'connect_p99<2s,loss=0', --json FILE, --report FILE, --scenario FILE.yaml
 `
 
 func main() {
