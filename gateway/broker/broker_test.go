@@ -775,3 +775,32 @@ func TestRequireTPM(t *testing.T) {
 	}
 	e.mustConnect(e.leaf(e.issuer, identity.RoleService, "ingest"), "ingest")
 }
+
+// TestAttachFailure: a client that sends CONNECT and resets its connection
+// at once. mochi authenticates it, fails to write the CONNACK and returns
+// without OnDisconnect; the gateway still drops what it kept for the
+// client (its session entry, by connection too).
+func TestAttachFailure(t *testing.T) {
+	t.Parallel()
+	e := start(t, Limits{}, nil, nil)
+	cert := e.leaf(e.issuer, identity.RoleDevice, "dev-reset")
+	for range 20 {
+		c, err := tls.Dial("tcp", e.addr, e.tlsConfig(&cert))
+		if err != nil {
+			t.Fatal(err)
+		}
+		id := "dev-reset"
+		vh := []byte{0, 4, 'M', 'Q', 'T', 'T', 4, 0x02, 0, 30}
+		body := append(vh, append([]byte{0, byte(len(id))}, id...)...)
+		if _, err := c.Write(append([]byte{0x10, byte(len(body))}, body...)); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.NetConn().(*net.TCPConn).SetLinger(0) // close with a reset
+		c.NetConn().Close()
+	}
+	waitFor(t, "no session left behind", func() bool {
+		e.b.mu.Lock()
+		defer e.b.mu.Unlock()
+		return len(e.b.clients) == 0 && len(e.b.byConn) == 0
+	})
+}
