@@ -350,7 +350,7 @@ func (e *engine) onPublish(cl *mqtt.Client, id identity.ID, pk packets.Packet) (
 	}
 	switch {
 	case id.Role == identity.RoleDevice && p[0] == "devices" && p[1] == id.Name && p[2] == "kex" && p[3] == "req":
-		e.ack(cl, pk)
+		e.ack(cl, ackOf(pk))
 		e.kex(cl, id.Name, pk)
 		return true, packets.ErrRejectPacket
 	case id.Role == identity.RoleDevice && p[0] == "devices" && p[1] == id.Name && p[2] == "up":
@@ -359,7 +359,7 @@ func (e *engine) onPublish(cl *mqtt.Client, id identity.ID, pk packets.Packet) (
 	case id.Role != identity.RoleDevice && p[0] == "fleet" && p[1] == "commands":
 		if p[3] == sessionkey.KexChannel {
 			e.refuse("kex-channel", &e.stats.CommandsRefused)
-			e.ack(cl, pk)
+			e.ack(cl, ackOf(pk))
 			return true, packets.ErrRejectPacket
 		}
 		e.command(p[2], p[3], pk.Payload)
@@ -373,13 +373,13 @@ func (e *engine) refuse(reason string, c *atomic.Int64) {
 	e.b.stats.refused("fkx1", reason)
 }
 
-// ack sends PUBACK for a QoS 1 packet, from the client's own read
-// goroutine: a client that does not read blocks only itself.
-func (e *engine) ack(cl *mqtt.Client, pk packets.Packet) {
-	if pk.FixedHeader.Qos == 0 {
-		return
+// ack writes a PUBACK for a QoS 1 packet at once (appendPuback, under the
+// client's write lock); a client that does not read is cut off by its
+// write deadline. Stored records' PUBACKs go through ackOnShard.
+func (e *engine) ack(cl *mqtt.Client, ref ackRef) {
+	if ref.qos > 0 {
+		_ = writeRaw(cl, appendPuback(nil, ref.id))
 	}
-	_ = cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID})
 }
 
 // ackRef is what a later PUBACK needs of a publish. Closures that wait
@@ -513,7 +513,7 @@ func (e *engine) up(cl *mqtt.Client, id, channel string, pk packets.Packet) {
 		if errors.Is(err, sessionkey.ErrReplay) {
 			// A QoS 1 duplicate: acknowledged, counted, not delivered.
 			e.refuse(reason, &e.stats.Duplicates)
-			e.ack(cl, pk)
+			e.ack(cl, ackOf(pk))
 			return
 		}
 		e.refuse(reason, &e.stats.EnvelopesRefused)
@@ -587,13 +587,11 @@ func (e *engine) onShard(sh *shard, job func()) {
 // ackOnShard acknowledges a QoS 1 record from its shard's goroutine: held
 // for the shard's next flush, or written at once without a shard.
 func (e *engine) ackOnShard(sh *shard, cl *mqtt.Client, ref ackRef) {
-	switch {
-	case ref.qos == 0:
-	case sh == nil:
-		_ = writeRaw(cl, appendPuback(nil, ref.id))
-	default:
-		sh.acks = append(sh.acks, shardAck{cl: cl, id: ref.id})
+	if sh == nil || ref.qos == 0 {
+		e.ack(cl, ref)
+		return
 	}
+	sh.acks = append(sh.acks, shardAck{cl: cl, id: ref.id})
 }
 
 // flushAcks writes the shard's held PUBACKs, all of a device's in one
