@@ -215,6 +215,24 @@ func pause(ctx context.Context, pr *proc, d time.Duration) error {
 
 var errExited = errors.New("process exited")
 
+// readAddrFile reads the host:port a child wrote to path: "" while there
+// is no file or not yet a whole line (a writer that does not rename into
+// place may be half-way through), an error for a line that is no address.
+func readAddrFile(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) || err == nil && !bytes.HasSuffix(b, []byte("\n")) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	addr := strings.TrimSpace(string(b))
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		return "", fmt.Errorf("bad address in %s: %w", path, err)
+	}
+	return addr, nil
+}
+
 // StartProcess runs cmd, a command that will write its listening address
 // (host:port) and a newline to addrFile as MochiMain does, waits for that file, and returns
 // a Peer for it (PID = the child's pid). Any file already at addrFile is
@@ -257,19 +275,12 @@ func StartProcess(ctx context.Context, name string, addrFile string, cmd *exec.C
 	defer cancel()
 	var bo backoff
 	for {
-		b, err := os.ReadFile(addrFile)
-		if err == nil && !bytes.HasSuffix(b, []byte("\n")) {
-			err = os.ErrNotExist // not the whole line yet: a writer that does not rename into place
-		}
-		if err == nil {
-			addr := strings.TrimSpace(string(b))
-			if _, _, err := net.SplitHostPort(addr); err != nil {
-				return fail(fmt.Errorf("bad address in %s: %w", addrFile, err))
-			}
-			return &Peer{Name: name, Addr: addr, PID: cmd.Process.Pid, done: pr.done, stop: pr.terminate}, nil
-		}
-		if !errors.Is(err, os.ErrNotExist) {
+		addr, err := readAddrFile(addrFile)
+		if err != nil {
 			return fail(err)
+		}
+		if addr != "" {
+			return &Peer{Name: name, Addr: addr, PID: cmd.Process.Pid, done: pr.done, stop: pr.terminate}, nil
 		}
 		if err := pause(ctx, pr, bo.next()); err != nil {
 			if errors.Is(err, errExited) {

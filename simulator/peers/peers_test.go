@@ -454,3 +454,26 @@ func TestParseVmRSS(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestReadAddrFile: an address is taken only once its line is whole; a
+// line that is no address is an error.
+func TestReadAddrFile(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "addr")
+	for _, c := range []struct{ content, addr, err string }{
+		{"", "", ""},
+		{"127.0.0.", "", ""}, // half-way through a write
+		{"127.0.0.1:8883\n", "127.0.0.1:8883", ""},
+		{"nowhere\n", "", "bad address"},
+	} {
+		if err := os.WriteFile(p, []byte(c.content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		addr, err := readAddrFile(p)
+		if addr != c.addr || (c.err == "") != (err == nil) || err != nil && !strings.Contains(err.Error(), c.err) {
+			t.Errorf("%q: %q, %v; want %q, %q", c.content, addr, err, c.addr, c.err)
+		}
+	}
+	if addr, err := readAddrFile(filepath.Join(t.TempDir(), "none")); addr != "" || err != nil {
+		t.Errorf("no file: %q, %v", addr, err)
+	}
+}
