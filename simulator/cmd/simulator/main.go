@@ -223,6 +223,12 @@ func run(ctx context.Context, args []string) error {
 			}
 		}
 	}
+	if *processes && !*localStack {
+		return errors.New("--processes is a way to run the --local stack")
+	}
+	if *localStack && *metricsURL != "" {
+		return errors.New("--metrics is for a gateway run elsewhere; with --local the counters are read in process")
+	}
 	if *suite != 1 && *suite != 2 {
 		return fmt.Errorf("--suite %d: want 1 or 2", *suite)
 	}
@@ -348,9 +354,6 @@ func run(ctx context.Context, args []string) error {
 			}
 			cfg.AttackEnv.Refusals = simulator.ScrapeRefusals(*metricsURL)
 		}
-	}
-	if *localStack && *metricsURL != "" {
-		return errors.New("--metrics is for a gateway run elsewhere; with --local the counters are read in process")
 	}
 	for _, fsp := range specs {
 		f, err := fsp.Fault(restart, revoke)
