@@ -40,7 +40,8 @@ type Stack struct {
 	Provisioning, Gateway, Sink string
 	// Metrics is the gateway's metrics URL (Prometheus text: its refusal
 	// counters, for attacks run from another process: run --metrics).
-	Metrics string
+	Metrics     string
+	metricsAddr string // host:port behind Metrics, kept across restarts
 	// RootCAs authenticate both.
 	RootCAs *x509.CertPool
 	// The admin API, with the fleet's admin certificate: Revoke, AllowEK,
@@ -142,7 +143,7 @@ func StartLocalWith(ctx context.Context, dir string, log *slog.Logger, opts Loca
 		return nil, err
 	}
 	s.Gateway = "localhost:" + portOf(gln.Addr())
-	s.Metrics = "http://127.0.0.1:" + portOf(mln.Addr()) + "/metrics"
+	s.setMetrics(mln.Addr().String())
 	return s, nil
 }
 
@@ -176,7 +177,7 @@ func (s *Stack) RestartGateway() error {
 		return errors.New("the gateway did not stop within 15 s")
 	}
 	addr := "127.0.0.1:" + s.Gateway[strings.LastIndexByte(s.Gateway, ':')+1:]
-	maddr := strings.TrimSuffix(strings.TrimPrefix(s.Metrics, "http://"), "/metrics")
+	maddr := s.metricsAddr
 	ln, err := listenAgain(addr)
 	if err != nil {
 		return fmt.Errorf("the gateway's port: %w", err)
@@ -193,6 +194,10 @@ func (s *Stack) RestartGateway() error {
 		return s.startGatewayProcess(addr, maddr)
 	}
 	return s.startGateway(ln, mln)
+}
+
+func (s *Stack) setMetrics(addr string) {
+	s.metricsAddr, s.Metrics = addr, "http://"+addr+"/metrics"
 }
 
 // listenAgain listens on addr, which a server has just let go of, with a

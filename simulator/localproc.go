@@ -68,7 +68,7 @@ func (s *Stack) startProcesses(admin tls.Certificate) error {
 	}
 	_, port, _ := net.SplitHostPort(addr)
 	s.Gateway = "localhost:" + port
-	s.Metrics = "http://" + metrics + "/metrics"
+	s.setMetrics(metrics)
 	return nil
 }
 
